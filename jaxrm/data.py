@@ -1,0 +1,233 @@
+"""Preference files -> validated, tokenized, padded numpy batches (numpy only, no jax).
+
+File format: JSON Lines (plain or .gz), one pair per line:
+    {"prompt": "...", "chosen": "...", "rejected": "...", "margin": 1.5}
+"prompt" (default "") and "margin" are optional. A sequence is tokenizer.encode(prompt + answer),
+right-padded with pad_id to seq_len. Batches use the original's layout: input_ids [2B, T] with
+rows 0..B-1 the chosen answers and rows B..2B-1 the rejected answers of the same pairs.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import pathlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+SPLITS = ("train", "validation", "test")
+BUNDLED_DIR = pathlib.Path(__file__).resolve().parent / "assets" / "vader_pairs"
+
+
+class DataError(ValueError):
+    """Bad preference data; the message names the file / line or pair and what is wrong."""
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+    margin: float | None = None
+    line: int | None = field(default=None, compare=False, repr=False)  # 1-based line in its file, if known
+
+
+def bundled_data_path(split: str) -> pathlib.Path:
+    """The bundled VADER preference pairs (see jaxrm/assets/README.md)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid choices: {', '.join(SPLITS)}")
+    return BUNDLED_DIR / f"{split}.jsonl.gz"
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+def load_pairs(path) -> list[PreferencePair]:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    pairs = []
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            for lineno, raw in enumerate(f, start=1):
+                pair = _parse_line(raw, f"{path}:{lineno}", lineno)
+                if pair is not None:
+                    pairs.append(pair)
+    except (OSError, EOFError) as e:  # e.g. a truncated or not-really-gzip .gz file
+        raise DataError(f"{path}: cannot read file ({e})") from None
+    if not pairs:
+        raise DataError(f"{path}: empty file, no pairs found")
+    return pairs
+
+
+def _parse_line(raw: bytes, where: str, lineno: int) -> PreferencePair | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not line.strip():
+        return None  # blank lines are allowed
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in ("chosen", "rejected") if k not in obj]
+    if missing:
+        raise DataError(f"{where}: missing key(s) {', '.join(map(repr, missing))}; keys found: "
+                        f"{', '.join(map(repr, obj)) or 'none'}")
+    for key in ("prompt", "chosen", "rejected"):
+        if key in obj and not isinstance(obj[key], str):
+            raise DataError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")
+    margin = obj.get("margin")
+    if margin is not None:
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+            raise DataError(f"{where}: 'margin' must be a finite number, got {margin!r}")
+        margin = float(margin)
+    return PreferencePair(obj.get("prompt", ""), obj["chosen"], obj["rejected"], margin, line=lineno)
+
+
+# -----------------------------------------------------------------------------
+# tokenizing
+
+@dataclass(frozen=True)
+class EncodedPairs:
+    chosen_ids: np.ndarray  # (N, T) int32, right-padded with pad_id
+    rejected_ids: np.ndarray  # (N, T) int32
+    chosen_lengths: np.ndarray  # (N,) int32, number of real tokens
+    rejected_lengths: np.ndarray  # (N,) int32
+    margins: np.ndarray  # (N,) float32, 0 where absent
+
+    def __len__(self):
+        return self.chosen_ids.shape[0]
+
+
+def _where(source: str, i: int, pair) -> str:
+    line = getattr(pair, "line", None)
+    return f"{source}:{line} (pair {i})" if line else f"{source}: pair {i}"
+
+
+def encode_pairs(pairs, tokenizer, *, seq_len: int, pad_id: int, vocab_size: int,
+                 truncation: str = "drop", source: str = "<pairs>") -> tuple[EncodedPairs, dict]:
+    if truncation not in ("drop", "error"):
+        raise ValueError(f"truncation must be 'drop' or 'error', got {truncation!r}")
+    if seq_len < 1 or not 0 <= pad_id < vocab_size:
+        raise ValueError(f"need seq_len >= 1 and 0 <= pad_id < vocab_size, got {seq_len=}, {pad_id=}, {vocab_size=}")
+    stats = {"pairs_in": len(pairs), "pairs_kept": 0, "dropped_too_long": 0, "dropped_identical": 0, "max_len": 0}
+    kept = []  # (chosen ids, rejected ids, margin)
+    for i, p in enumerate(pairs):
+        c, r = tokenizer.encode(p.prompt + p.chosen), tokenizer.encode(p.prompt + p.rejected)
+        for side, ids in (("chosen", c), ("rejected", r)):
+            if not ids:
+                raise DataError(f"{_where(source, i, p)}: prompt + {side} encodes to zero tokens")
+            if min(ids) < 0 or max(ids) >= vocab_size:
+                bad = next(t for t in ids if not 0 <= t < vocab_size)
+                raise DataError(f"{_where(source, i, p)}: {side} has token id {bad} outside [0, {vocab_size}): "
+                                f"the tokenizer's vocabulary is larger than the model's")
+            if pad_id in ids:
+                raise DataError(f"{_where(source, i, p)}: {side} contains the pad id {pad_id} at token "
+                                f"{ids.index(pad_id)} inside the real text (would end the sequence early)")
+        if c == r:
+            stats["dropped_identical"] += 1
+            continue
+        if max(len(c), len(r)) > seq_len:
+            if truncation == "error":
+                raise DataError(f"{_where(source, i, p)}: {max(len(c), len(r))} tokens > seq_len {seq_len}")
+            stats["dropped_too_long"] += 1
+            continue
+        kept.append((c, r, 0.0 if p.margin is None else p.margin))
+    if not kept:
+        raise DataError(f"{source}: no pairs left after filtering ({stats})")
+
+    n = len(kept)
+    chosen = np.full((n, seq_len), pad_id, dtype=np.int32)  # (N, T)
+    rejected = np.full((n, seq_len), pad_id, dtype=np.int32)  # (N, T)
+    for j, (c, r, _) in enumerate(kept):
+        chosen[j, :len(c)] = c
+        rejected[j, :len(r)] = r
+    data = EncodedPairs(
+        chosen_ids=chosen, rejected_ids=rejected,
+        chosen_lengths=np.array([len(c) for c, _, _ in kept], dtype=np.int32),
+        rejected_lengths=np.array([len(r) for _, r, _ in kept], dtype=np.int32),
+        margins=np.array([m for _, _, m in kept], dtype=np.float32),
+    )
+    stats["pairs_kept"] = n
+    stats["max_len"] = int(max(data.chosen_lengths.max(), data.rejected_lengths.max()))
+    return data, stats
+
+
+# -----------------------------------------------------------------------------
+# batching
+
+def _batch(data: EncodedPairs, idx: np.ndarray) -> dict:
+    return {
+        "input_ids": np.concatenate([data.chosen_ids[idx], data.rejected_ids[idx]]),  # (2B, T) chosen then rejected
+        "lengths": np.concatenate([data.chosen_lengths[idx], data.rejected_lengths[idx]]),  # (2B,)
+        "margins": data.margins[idx],  # (B,)
+    }
+
+
+class BatchIterator:
+    """Endless, deterministic, resumable batches of pairs.
+
+    Epoch e visits the pairs in np.random.default_rng([seed, e]).permutation(N) order (or in file
+    order when shuffle=False). With drop_last the tail of an epoch that does not fill a batch is
+    skipped; without it the epoch ends with one smaller batch. state() is the position of the next
+    batch: {"epoch": e, "index": number of pairs of epoch e already served}.
+    """
+
+    def __init__(self, data: EncodedPairs, batch_size: int, *, seed: int, shuffle: bool = True,
+                 drop_last: bool = True):
+        if not 1 <= batch_size <= len(data):
+            raise DataError(f"batch_size {batch_size} must be between 1 and the number of pairs ({len(data)}); "
+                            f"lower batch_size or use more data")
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.epoch, self.index = 0, 0
+        self._order_epoch, self._order = None, None
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            n = len(self.data)
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order_epoch = epoch
+        return self._order
+
+    def state(self) -> dict:
+        return {"epoch": int(self.epoch), "index": int(self.index)}
+
+    def restore(self, state: dict) -> None:
+        epoch, index = state.get("epoch"), state.get("index")
+        if not (isinstance(epoch, int) and isinstance(index, int) and epoch >= 0 and 0 <= index <= len(self.data)):
+            raise DataError(f"bad data iterator state {state!r} for {len(self.data)} pairs")
+        self.epoch, self.index = epoch, index
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        n, b = len(self.data), self.batch_size
+        if self.index >= n or (self.drop_last and self.index + b > n):
+            self.epoch, self.index = self.epoch + 1, 0
+        idx = self.order(self.epoch)[self.index:self.index + b]
+        self.index += len(idx)
+        return _batch(self.data, idx)
+
+
+def eval_batches(data: EncodedPairs, batch_size: int) -> Iterator[dict]:
+    """One pass in order, every batch exactly batch_size pairs (fixed shapes for jit).
+
+    The last batch is filled up with copies of pair 0; "valid" (B,) bool marks the real pairs.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(data)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        valid = np.arange(batch_size) < len(idx)  # (B,)
+        idx = np.concatenate([idx, np.zeros(batch_size - len(idx), dtype=idx.dtype)])  # (B,) filler = pair 0
+        yield {**_batch(data, idx), "valid": valid}
