@@ -1,0 +1,103 @@
+"""jaxrm.RewardModel on its own: jit, causality, dropout, dtypes, bad input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxrm import ModelConfig, RewardModel
+
+CONFIG = ModelConfig(vocab_size=97, d_model=32, block_size=16, num_heads=4, dff=64, num_layer=2)
+
+
+def random_ids(seed, shape=(4, 12), vocab=CONFIG.vocab_size):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab - 1, size=shape), jnp.int32)
+
+
+def test_jit_and_eager_agree(jax_device):
+    model = RewardModel(CONFIG, rngs=nnx.Rngs(0))
+    ids = random_ids(0)
+    eager = model(ids)
+    jitted = nnx.jit(lambda m, x: m(x))(model, ids)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), atol=1e-6)
+
+
+def test_rewards_are_causal(jax_device):
+    model = RewardModel(CONFIG, rngs=nnx.Rngs(1))
+    ids = random_ids(1)
+    base = np.asarray(model(ids))
+    for t in (0, 5, 11):
+        changed = ids.at[:, t].set((ids[:, t] + 1) % (CONFIG.vocab_size - 1))
+        out = np.asarray(model(changed))
+        np.testing.assert_array_equal(out[:, :t], base[:, :t])  # earlier rewards untouched
+        assert np.abs(out[:, t] - base[:, t]).max() > 0        # this position sees the change
+
+
+def test_dropout_is_seeded_and_off_by_default(jax_device):
+    config = CONFIG.replace(embed_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1, dropout=0.1)
+    model = RewardModel(config, rngs=nnx.Rngs(2))
+    ids = random_ids(2)
+    run = lambda seed: np.asarray(model(ids, deterministic=False, rngs=nnx.Rngs(dropout=seed)))
+    np.testing.assert_array_equal(run(7), run(7))
+    assert np.abs(run(7) - run(8)).max() > 1e-4
+    assert np.abs(run(7) - np.asarray(model(ids))).max() > 1e-4
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(model(ids, deterministic=True)))
+    with pytest.raises(ValueError, match="no rngs"):
+        model(ids, deterministic=False)
+
+
+def test_bfloat16_matmuls_keep_float32_params_and_rewards():
+    model = RewardModel(CONFIG.replace(dtype="bfloat16"), rngs=nnx.Rngs(3))
+    full = RewardModel(CONFIG, rngs=nnx.Rngs(3))
+    ids = random_ids(3)
+    rewards = model(ids)
+    assert rewards.dtype == jnp.float32
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    diff = np.abs(np.asarray(rewards) - np.asarray(full(ids))).max()
+    assert 0 < diff < 0.05  # really computed in bf16, and close
+
+
+def test_tanh_gelu_option_changes_the_function():
+    exact = RewardModel(CONFIG, rngs=nnx.Rngs(4))
+    tanh = RewardModel(CONFIG.replace(activation="gelu_tanh"), rngs=nnx.Rngs(4))
+    ids = random_ids(4)
+    diff = np.abs(np.asarray(exact(ids)) - np.asarray(tanh(ids))).max()
+    assert 0 < diff < 1e-3
+
+
+@pytest.mark.parametrize("bad", [-1, CONFIG.vocab_size, CONFIG.vocab_size + 100])
+def test_out_of_range_ids_are_refused(bad):
+    model = RewardModel(CONFIG, rngs=nnx.Rngs(0))
+    ids = random_ids(5).at[2, 7].set(bad)
+    with pytest.raises(ValueError, match=rf"token id {bad} at row 2, position 7"):
+        model(ids)
+
+
+def test_out_of_range_ids_under_jit_give_nan_not_a_clamp():
+    model = RewardModel(CONFIG, rngs=nnx.Rngs(0))
+    ids = random_ids(6).at[1, 3].set(CONFIG.vocab_size)
+    rewards = np.asarray(nnx.jit(lambda m, x: m(x))(model, ids))
+    assert np.isnan(rewards[1, 3:]).all()       # the bad token and everything that attends to it
+    assert np.isfinite(rewards[[0, 2, 3]]).all()
+
+
+def test_too_long_and_malformed_inputs_are_refused():
+    model = RewardModel(CONFIG, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="exceeds block_size=16"):
+        model(random_ids(7, shape=(2, 17)))
+    with pytest.raises(ValueError, match=r"shape \(B, T\)"):
+        model(jnp.zeros((8,), jnp.int32))
+    with pytest.raises(ValueError, match="integers"):
+        model(jnp.zeros((2, 4), jnp.float32))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_heads", 5, "not divisible"),
+    ("d_model", 0, "positive int"),
+    ("dropout", 1.5, r"\[0, 1\)"),
+    ("activation", "relu", "activation"),
+    ("dtype", "float16", "dtype"),
+])
+def test_config_validation(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        CONFIG.replace(**{field: value})
