@@ -79,3 +79,139 @@ def model_preset(name: str) -> ModelConfig:
     if name not in MODEL_PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
     return MODEL_PRESETS[name]
+
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # optimisation (the original's configure_optimizers + nanoGPT's schedule)
+    batch_size: int = 16               # pairs per optimizer step (global)
+    grad_accum_steps: int = 1          # micro-batches per step; batch_size must divide by it
+    max_steps: int = 1000
+    learning_rate: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    lr_decay_steps: int = 0            # 0: decay until max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0             # 0 disables
+    # loss (defaults: the original)
+    loss_type: str = "span"
+    use_margins: bool = False          # subtract the data's per-pair margin inside the logsigmoid
+    center_rewards_coef: float = 0.0
+    normalize_by: str = "pairs"
+    # data
+    data: str = ""                     # "" = the bundled VADER pairs; else a JSON Lines file
+    tokenizer: str = "gpt2"
+    seq_len: int = 0                   # padded length T; 0 = block_size
+    truncation: str = "drop"
+    # run
+    seed: int = 0
+    eval_every: int = 200
+    eval_pairs: int = 2048             # validation pairs per periodic eval (0 = all)
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    nonfinite: str = "stop"            # stop | skip a step whose loss or gradient is NaN/inf
+    max_nonfinite_skips: int = 10      # consecutive skips allowed with nonfinite="skip"
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum_steps", "max_steps", "log_every", "eval_every",
+                     "checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(f"TrainConfig.batch_size={self.batch_size} does not divide by "
+                             f"grad_accum_steps={self.grad_accum_steps}")
+        if self.loss_type not in ("span", "last_token"):
+            raise ValueError(f"TrainConfig.loss_type must be 'span' or 'last_token', got {self.loss_type!r}")
+        if self.normalize_by not in ("pairs", "nonidentical"):
+            raise ValueError(f"TrainConfig.normalize_by must be 'pairs' or 'nonidentical', got {self.normalize_by!r}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"TrainConfig.nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
+        if self.truncation not in ("drop", "error"):
+            raise ValueError(f"TrainConfig.truncation must be 'drop' or 'error', got {self.truncation!r}")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise ValueError(f"TrainConfig.min_lr={self.min_lr} must be in [0, learning_rate={self.learning_rate}]")
+
+    @property
+    def decay_steps(self) -> int:
+        return self.lr_decay_steps or self.max_steps
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs: the single source of truth saved with every checkpoint."""
+    model: ModelConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return cls(model=_build(ModelConfig, d.get("model", {}), "model"),
+                   train=_build(TrainConfig, d.get("train", {}), "train"))
+
+    def override(self, overrides: dict[str, str]) -> "RunConfig":
+        """Apply `key=value` strings: `lr`-style bare names or `model.x` / `train.x`; types checked."""
+        model, train = {}, {}
+        for key, raw in overrides.items():
+            section, name = key.split(".", 1) if "." in key else (None, key)
+            model_fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+            train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+            if section == "model" or (section is None and name in model_fields):
+                target, fields = model, model_fields
+            elif section == "train" or (section is None and name in train_fields):
+                target, fields = train, train_fields
+            else:
+                raise ValueError(f"unknown config key {key!r}; valid keys: "
+                                 f"{', '.join(sorted(model_fields) + sorted(train_fields))}")
+            if name not in fields:
+                raise ValueError(f"unknown config key {key!r}; {section} keys: {', '.join(sorted(fields))}")
+            target[name] = _parse_value(key, raw, type(getattr(self.model if fields is model_fields else self.train, name)))
+        return RunConfig(model=self.model.replace(**model), train=dataclasses.replace(self.train, **train))
+
+
+def _parse_value(key: str, raw, kind):
+    if not isinstance(raw, str):
+        return raw
+    try:
+        if kind is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return kind(raw) if kind is not int else int(raw, 10)
+    except ValueError:
+        raise ValueError(f"config key {key!r} needs a {kind.__name__}, got {raw!r}") from None
+
+
+def _build(cls, values: dict, section: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {section} config keys {unknown}")
+    return cls(**values)
+
+
+RUN_PRESETS: dict[str, RunConfig] = {
+    "tiny": RunConfig(MODEL_PRESETS["tiny"], TrainConfig(batch_size=8, max_steps=50, warmup_steps=5,
+                                                         eval_every=25, checkpoint_every=25, log_every=5,
+                                                         eval_pairs=256, seq_len=64)),
+    "small": RunConfig(MODEL_PRESETS["small"], TrainConfig(batch_size=16, max_steps=2000, seq_len=128)),
+    "gpt2": RunConfig(MODEL_PRESETS["gpt2"], TrainConfig(batch_size=8, max_steps=5000, seq_len=128)),
+}
+DEFAULT_RUN_PRESET = "small"
+
+
+def run_preset(name: str) -> RunConfig:
+    if name not in RUN_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(RUN_PRESETS)}")
+    return RUN_PRESETS[name]

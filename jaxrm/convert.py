@@ -6,6 +6,7 @@ Embedding weight <-> embedding.
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -72,7 +73,7 @@ def from_torch_state_dict(config: ModelConfig, state_dict) -> RewardModel:
             shown = value.T.shape if transpose else value.shape
             raise ConversionError(f"state_dict[{key!r}] has shape {tuple(shown)}, the config needs "
                                   f"{tuple(expected[::-1]) if transpose else tuple(expected)}")
-        flat[path].set_value(np.asarray(value, np.float32))
+        flat[path].set_value(jnp.array(value, jnp.float32))  # a copy: never alias the caller's buffers
     nnx.update(model, nnx.State.from_flat_path(flat))
     return model
 

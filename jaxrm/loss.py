@@ -23,6 +23,7 @@ class PairwiseOutput(NamedTuple):
     identical: jax.Array            # (bs,) bool: chosen == rejected; no loss term
     accuracy: jax.Array             # () fraction of non-identical pairs with chosen > rejected
     per_pair_loss: jax.Array        # (bs,) each pair's loss term (0 for identical pairs)
+    centered: jax.Array             # (bs,) (c_end + r_end)^2, 0 for identical pairs (centering term)
 
 
 def sequence_ends(input_ids, pad_id: int, lengths=None):
@@ -32,6 +33,23 @@ def sequence_ends(input_ids, pad_id: int, lengths=None):
     is_pad = input_ids == pad_id                                      # (B, T)
     T = input_ids.shape[1]
     return jnp.where(is_pad.any(axis=1), jnp.argmax(is_pad, axis=1), T).astype(jnp.int32)
+
+
+def _differs(c_ids, r_ids, c_end, r_end, use_lengths: bool):
+    """(bs, T) positions where a pair differs: raw ids (the original), or real tokens only with lengths."""
+    differs = c_ids != r_ids
+    if use_lengths:  # a position inside one side only differs; garbage after both ends does not
+        t = jnp.arange(c_ids.shape[1])[None, :]
+        c_real, r_real = t < c_end[:, None], t < r_end[:, None]
+        differs = (differs & c_real & r_real) | (c_real != r_real)
+    return differs
+
+
+def identical_pairs(input_ids, pad_id: int, lengths=None):
+    """(bs,) bool: pairs whose chosen and rejected sequences are the same (no loss term)."""
+    bs = input_ids.shape[0] // 2
+    ends = sequence_ends(input_ids, pad_id, lengths)
+    return ~_differs(input_ids[:bs], input_ids[bs:], ends[:bs], ends[bs:], lengths is not None).any(axis=1)
 
 
 def _score_at(rewards, index):
@@ -71,11 +89,7 @@ def pairwise_loss(rewards, input_ids, pad_id: int, return_loss: bool = True, *,
     c_ids, r_ids = input_ids[:bs], input_ids[bs:]
     c_rewards, r_rewards = rewards[:bs], rewards[bs:]                  # (bs, T)
 
-    differs = c_ids != r_ids                                           # (bs, T)
-    if lengths is not None:  # compare real tokens only; a position inside one side only differs
-        t = jnp.arange(T)[None, :]
-        c_real, r_real = t < c_end[:, None], t < r_end[:, None]
-        differs = (differs & c_real & r_real) | (c_real != r_real)
+    differs = _differs(c_ids, r_ids, c_end, r_end, lengths is not None)  # (bs, T)
     identical = ~differs.any(axis=1)
     chosen_end_scores = _score_at(c_rewards, c_end - 1)
     rejected_end_scores = _score_at(r_rewards, r_end - 1)
@@ -99,12 +113,12 @@ def pairwise_loss(rewards, input_ids, pad_id: int, return_loss: bool = True, *,
     num_counted = counted.sum()
     denominator = jnp.float32(bs) if normalize_by == "pairs" else jnp.maximum(num_counted, 1.0)
     loss = per_pair.sum() / denominator if return_loss else jnp.float32(0.0)
+    centered = jnp.where(identical, 0.0, (chosen_end_scores + rejected_end_scores) ** 2)
     if return_loss and center_rewards_coef:
-        centered = jnp.where(identical, 0.0, (chosen_end_scores + rejected_end_scores) ** 2)
         loss = loss + center_rewards_coef * centered.sum() / jnp.maximum(num_counted, 1.0)
     wins = (chosen_end_scores > rejected_end_scores).astype(jnp.float32) * counted
     accuracy = wins.sum() / jnp.maximum(num_counted, 1.0)
-    return PairwiseOutput(loss, chosen_end_scores, rejected_end_scores, identical, accuracy, per_pair)
+    return PairwiseOutput(loss, chosen_end_scores, rejected_end_scores, identical, accuracy, per_pair, centered)
 
 
 class PairBatchError(ValueError):
