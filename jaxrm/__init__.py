@@ -1,8 +1,24 @@
-"""jaxrm: reward-model training for RLHF in JAX / Flax NNX."""
-from jaxrm.config import MODEL_PRESETS, ModelConfig, model_preset
-from jaxrm.loss import PairBatchError, PairwiseOutput, pairwise_loss, sequence_ends, validate_pair_batch
-from jaxrm.model import RewardModel
-from jaxrm import convert  # noqa: E402  (jaxrm.convert.from_torch_state_dict, ...)
+"""jaxrm: reward-model training for RLHF in JAX / Flax NNX.
 
-__all__ = ["ModelConfig", "MODEL_PRESETS", "model_preset", "RewardModel", "pairwise_loss",
-           "PairwiseOutput", "sequence_ends", "validate_pair_batch", "PairBatchError", "convert"]
+Names are imported lazily, so `jaxrm` (the CLI) can set up the process before JAX loads.
+"""
+import importlib
+
+_EXPORTS = {
+    "ModelConfig": "jaxrm.config", "TrainConfig": "jaxrm.config", "RunConfig": "jaxrm.config",
+    "MODEL_PRESETS": "jaxrm.config", "model_preset": "jaxrm.config", "run_preset": "jaxrm.config",
+    "RewardModel": "jaxrm.model",
+    "pairwise_loss": "jaxrm.loss", "PairwiseOutput": "jaxrm.loss", "sequence_ends": "jaxrm.loss",
+    "validate_pair_batch": "jaxrm.loss", "PairBatchError": "jaxrm.loss",
+}
+_SUBMODULES = ("convert", "train", "data", "tokenizer", "checkpoint", "optim", "loss", "model", "config")
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"jaxrm.{name}")
+    raise AttributeError(f"module 'jaxrm' has no attribute {name!r}")

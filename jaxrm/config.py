@@ -106,6 +106,7 @@ class TrainConfig:
     normalize_by: str = "pairs"
     # data
     data: str = ""                     # "" = the bundled VADER pairs; else a JSON Lines file
+    eval_data: str = ""                # validation pairs; "" = bundled validation split (with bundled data only)
     tokenizer: str = "gpt2"
     seq_len: int = 0                   # padded length T; 0 = block_size
     truncation: str = "drop"

@@ -172,3 +172,172 @@ def evaluate(eval_step, params, data, batch_size: int, limit: int = 0) -> dict:
     return {"pairs": int(len(c)), "accuracy": float(np.mean(c > r)), "loss": float(np.mean(loss)),
             "margin": float(np.mean(c - r)), "chosen_mean": float(c.mean()), "chosen_std": float(c.std()),
             "rejected_mean": float(r.mean()), "rejected_std": float(r.std())}
+
+
+def abstract_train_state(model_config: ModelConfig, train_config: TrainConfig) -> TrainState:
+    """Shapes and dtypes of a TrainState, without computing one (a restore target)."""
+    return jax.eval_shape(lambda: init_train_state(model_config, train_config, 0))
+
+
+# -----------------------------------------------------------------------------
+# the fit loop
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class Preempted(RuntimeError):
+    """SIGTERM/SIGINT arrived; a checkpoint of the current step was saved."""
+
+
+# keys that may change between a run and its resume; any other difference is another run
+RESUMABLE_CHANGES = {"max_steps", "eval_every", "eval_pairs", "checkpoint_every", "keep_checkpoints", "log_every",
+                     "nonfinite", "max_nonfinite_skips"}
+
+
+def _config_differences(saved: dict, run: RunConfig) -> list[str]:
+    current = run.to_dict()
+    return [f"{section}.{key}: checkpoint has {saved[section].get(key)!r}, this run {value!r}"
+            for section in ("model", "train") for key, value in current[section].items()
+            if saved.get(section, {}).get(key) != value and key not in RESUMABLE_CHANGES]
+
+
+def load_split(run: RunConfig, tokenizer, path: str, source: str):
+    """Pairs of a file, tokenized and padded to the run's seq_len; (EncodedPairs, stats)."""
+    from jaxrm.data import encode_pairs, load_pairs
+    seq_len = run.train.seq_len or run.model.block_size
+    if seq_len > run.model.block_size:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's block_size={run.model.block_size}")
+    return encode_pairs(load_pairs(path), tokenizer, seq_len=seq_len, pad_id=run.model.pad_id,
+                        vocab_size=run.model.vocab_size, truncation=run.train.truncation, source=source)
+
+
+def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None) -> dict:
+    """Train `run` into `out_dir`, resuming from its latest checkpoint if there is one.
+
+    Writes config.json, metrics.jsonl, checkpoints/, model.safetensors, curves.png and
+    summary.json. Returns the summary (final validation and test metrics, wall time).
+    """
+    import signal
+
+    from jaxrm import rundir
+    from jaxrm.checkpoint import Checkpointer
+    from jaxrm.data import BatchIterator, bundled_data_path
+    from jaxrm.optim import describe_decay
+    from jaxrm.report import MetricsLog, Progress, plot_curves
+    from jaxrm.tokenizer import get_tokenizer
+
+    started = time.time()
+    tc, mc = run.train, run.model
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = Progress(tc.max_steps, tc.log_every)
+    say = log or progress.message
+
+    tokenizer = get_tokenizer(tc.tokenizer)
+    if tokenizer.vocab_size > mc.vocab_size:
+        raise ValueError(f"tokenizer {tc.tokenizer!r} has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                         f"{mc.vocab_size}; set vocab_size >= {tokenizer.vocab_size}")
+    train_path = tc.data or str(bundled_data_path("train"))
+    train_data, stats = load_split(run, tokenizer, train_path, train_path)
+    say(f"train data {train_path}: {stats['pairs_kept']} pairs (dropped {stats['dropped_too_long']} too long, "
+        f"{stats['dropped_identical']} identical)")
+    val_path = tc.eval_data or ("" if tc.data else str(bundled_data_path("validation")))
+    val_data = load_split(run, tokenizer, val_path, val_path)[0] if val_path else None
+
+    checkpoints = Checkpointer(out / rundir.CHECKPOINTS, keep=tc.keep_checkpoints)
+    batches = BatchIterator(train_data, tc.batch_size, seed=tc.seed)
+    resume_step = checkpoints.latest_step()
+    if resume_step is not None:
+        saved = checkpoints.read_meta(resume_step)
+        differences = _config_differences(saved.get("config", {}), run)
+        if differences:
+            raise TrainingError(f"{out} holds a run with another config ({'; '.join(differences)}); "
+                                f"use another --out or the same settings")
+        state, meta = checkpoints.restore(abstract_train_state(mc, tc), resume_step)
+        batches.restore(meta["data"])
+        say(f"resumed from {out / rundir.CHECKPOINTS} step {resume_step}")
+    else:
+        state = init_train_state(mc, tc, tc.seed, model=init_model)
+        rundir.write_config(out, run)
+        say(describe_decay(state.params))
+    metrics_log = MetricsLog(out / rundir.METRICS, resume_step)
+
+    train_step = make_train_step(mc, tc)
+    eval_step = make_eval_step(mc, tc)
+    tokens_per_step = 2 * tc.batch_size * train_data.chosen_ids.shape[1]
+
+    def save(step_done: int, data_position: dict):
+        checkpoints.save(step_done, state, {"config": run.to_dict(), "data": data_position})
+
+    stop_signal = []
+    handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    pending = None          # (step index, metrics on device, data position after it)
+    skipped_in_a_row = 0
+    last_time = time.time()
+
+    def consume(item):
+        nonlocal skipped_in_a_row, last_time
+        index, metrics, _ = item
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.time()
+        metrics["tokens_per_s"] = tokens_per_step / max(now - last_time, 1e-9)
+        last_time = now
+        if not metrics.pop("finite"):
+            where = f"step {index + 1}: loss {metrics['loss']}, grad norm {metrics['grad_norm']}"
+            latest = checkpoints.latest_step()
+            if tc.nonfinite == "stop":
+                raise TrainingError(f"non-finite loss or gradient at {where}; parameters were not updated. "
+                                    f"Last good checkpoint: step {latest} in {checkpoints.directory}. "
+                                    f"Use --nonfinite=skip to skip such steps.")
+            skipped_in_a_row += 1
+            say(f"skipped non-finite {where} ({skipped_in_a_row} in a row)")
+            if skipped_in_a_row > tc.max_nonfinite_skips:
+                raise TrainingError(f"{skipped_in_a_row} non-finite steps in a row (limit max_nonfinite_skips="
+                                    f"{tc.max_nonfinite_skips}), last at {where}; last good checkpoint: step {latest}")
+        else:
+            skipped_in_a_row = 0
+        metrics_log.write({"kind": "train", "step": index + 1, **metrics})
+        progress.update(index + 1, metrics)
+
+    try:
+        step = int(state.step)
+        while step < tc.max_steps:
+            batch = next(batches)
+            state, metrics = train_step(state, {"input_ids": batch["input_ids"], "margins": batch["margins"]})
+            if pending is not None:
+                consume(pending)  # one step late: the device is already busy with this step
+            pending = (step, metrics, batches.state())
+            step += 1
+            at_end = step == tc.max_steps
+            if step % tc.checkpoint_every == 0 or at_end or stop_signal:
+                consume(pending)
+                pending = None
+                save(step, batches.state())
+            if val_data is not None and (step % tc.eval_every == 0 or at_end):
+                result = evaluate(eval_step, state.params, val_data, tc.batch_size * 4, tc.eval_pairs)
+                metrics_log.write({"kind": "eval", "step": step, **result})
+                say(f"step {step}: validation accuracy {result['accuracy']:.4f} loss {result['loss']:.4f} "
+                    f"({result['pairs']} pairs)")
+            if stop_signal:
+                raise Preempted(f"received signal {stop_signal[0]}: saved checkpoint step {step} in "
+                                f"{checkpoints.directory}; run the same command again to resume")
+        if pending is not None:
+            consume(pending)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+    model = merge_model(mc, state.params)
+    rundir.export_weights(out, model)
+    plot_curves(out / rundir.METRICS, out / rundir.CURVES)
+    summary = {"steps": int(state.step), "wall_time_s": round(time.time() - started, 1), "train_pairs": len(train_data)}
+    if val_data is not None:
+        summary["validation"] = evaluate(eval_step, state.params, val_data, tc.batch_size * 4)
+    if not tc.data:
+        test_data = load_split(run, tokenizer, str(bundled_data_path("test")), "test")[0]
+        summary["test"] = evaluate(eval_step, state.params, test_data, tc.batch_size * 4)
+    (out / rundir.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    checkpoints.close()
+    return summary

@@ -1,0 +1,224 @@
+"""The `jaxrm` command: train | eval | score | lint | convert | bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+EPILOG = """examples:
+  jaxrm train                                   # the default preset on the bundled human-rated pairs
+  jaxrm train --preset tiny --out runs/t --max_steps=20 --learning_rate=1e-3
+  jaxrm eval runs/small --split test
+  jaxrm score runs/small "What a wonderful day." "This is awful."
+"""
+
+
+def _split_overrides(extra: list[str]) -> dict[str, str]:
+    overrides = {}
+    for item in extra:
+        if not item.startswith("--") or "=" not in item:
+            raise SystemExit(f"jaxrm train: unrecognized argument {item!r}; config overrides look like --key=value")
+        key, value = item[2:].split("=", 1)
+        overrides[key.replace("-", "_")] = value
+    return overrides
+
+
+def cmd_train(args, extra) -> int:
+    from jaxrm.config import DEFAULT_RUN_PRESET, run_preset
+    from jaxrm.train import fit
+
+    preset = args.preset or DEFAULT_RUN_PRESET
+    overrides = _split_overrides(extra)
+    if args.data:
+        overrides["data"] = args.data
+    run = run_preset(preset).override(overrides)
+    out = pathlib.Path(args.out or f"runs/{preset}")
+    init_model = _load_init(args.init, run.model) if args.init else None
+    summary = fit(run, out, init_model=init_model)
+    print(f"\nwrote {out}/ (config.json, metrics.jsonl, checkpoints/, model.safetensors, curves.png, summary.json)")
+    for split in ("validation", "test"):
+        if split in summary:
+            s = summary[split]
+            print(f"{split:>10}: pairwise accuracy {s['accuracy']:.4f} on {s['pairs']} pairs, loss {s['loss']:.4f}")
+    print(f"wall time {summary['wall_time_s']:.0f} s for {summary['steps']} steps")
+    return 0
+
+
+def _load_init(path: str, model_config):
+    """Initial weights: a run directory, or a torchref-keyed .safetensors / .pt state_dict."""
+    from jaxrm import convert
+    from jaxrm.checkpoint import load_safetensors
+    from jaxrm.rundir import load_model
+
+    p = pathlib.Path(path)
+    if p.is_dir():
+        return load_model(p)[1]
+    if p.suffix == ".safetensors":
+        return convert.from_torch_state_dict(model_config, load_safetensors(p)[0])
+    if p.suffix in (".pt", ".pth", ".bin"):
+        import torch  # weights_only: a pickle that would run code is refused
+        return convert.from_torch_state_dict(model_config, torch.load(p, map_location="cpu", weights_only=True))
+    raise SystemExit(f"--init {path}: expected a run directory, .safetensors, or .pt/.pth/.bin state_dict")
+
+
+def _eval_data(run, data: str | None, split: str):
+    from jaxrm.data import bundled_data_path
+    from jaxrm.tokenizer import get_tokenizer
+    from jaxrm.train import load_split
+    path = data or str(bundled_data_path(split))
+    return path, load_split(run, get_tokenizer(run.train.tokenizer), path, path)[0]
+
+
+def cmd_eval(args, extra) -> int:
+    from jaxrm.rundir import load_model
+    from jaxrm.train import evaluate, make_eval_step, split_model
+
+    run, model = load_model(args.run_dir)
+    path, data = _eval_data(run, args.data, args.split)
+    result = evaluate(make_eval_step(run.model, run.train), split_model(model)[1], data, 64)
+    result = {"data": path, **result}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{'data':<14} {path}")
+    for key in ("pairs", "accuracy", "loss", "margin", "chosen_mean", "chosen_std", "rejected_mean", "rejected_std"):
+        value = result[key]
+        print(f"{key:<14} {value if isinstance(value, int) else f'{value:.4f}'}")
+    return 0
+
+
+def cmd_score(args, extra) -> int:
+    from jaxrm.rundir import load_model
+    from jaxrm.score import score_texts
+
+    texts = list(args.texts)
+    if args.input:
+        texts += _read_texts(args.input)
+    if not texts:
+        raise SystemExit("jaxrm score: give texts as arguments or --input FILE.jsonl")
+    run, model = load_model(args.run_dir)
+    prompt = args.prompt if args.prompt is not None else ("" if run.train.data else "Sentence: ")
+    for text, reward in zip(texts, score_texts(model, run, [prompt + t for t in texts])):
+        print(json.dumps({"text": text, "reward": reward}))
+    return 0
+
+
+def _read_texts(path: str) -> list[str]:
+    """JSON Lines with a "text" field (or plain strings), one per line."""
+    texts = []
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise SystemExit(f"{path}: no such file")
+    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        text = item.get("text") if isinstance(item, dict) else item
+        if not isinstance(text, str):
+            raise SystemExit(f"{path}:{lineno}: expected a string or an object with a \"text\" string")
+        texts.append(text)
+    return texts
+
+
+def cmd_lint(args, extra) -> int:
+    from jaxrm.config import model_preset
+    from jaxrm.data import encode_pairs, load_pairs
+    from jaxrm.tokenizer import get_tokenizer
+
+    config = model_preset("small")
+    pairs = load_pairs(args.data)
+    _, stats = encode_pairs(pairs, get_tokenizer(args.tokenizer), seq_len=args.seq_len, pad_id=config.pad_id,
+                            vocab_size=config.vocab_size, source=args.data)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def cmd_convert(args, extra) -> int:
+    from jaxrm.rundir import export_weights, load_model
+    src = pathlib.Path(args.src)
+    if not src.is_dir():
+        raise SystemExit(f"jaxrm convert: {src} is not a run directory")
+    _, model = load_model(src)
+    dst = pathlib.Path(args.dst)
+    dst.mkdir(parents=True, exist_ok=True) if dst.suffix != ".safetensors" else dst.parent.mkdir(parents=True, exist_ok=True)
+    path = export_weights(dst if dst.is_dir() else dst.parent, model)
+    if dst.suffix == ".safetensors" and path != dst:
+        path.replace(dst)
+        path = dst
+    print(f"wrote {path} (torchref state_dict keys)")
+    return 0
+
+
+def cmd_bench(args, extra) -> int:
+    from jaxrm.bench import main as bench_main
+    return bench_main((["--quick"] if args.quick else []) + (["--json", args.json] if args.json else []) + extra)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxrm", description="Reward-model training for RLHF in JAX.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a reward model (resumes if --out has checkpoints)")
+    p.add_argument("--preset", help="tiny | small (default) | gpt2")
+    p.add_argument("--data", help="JSON Lines of {prompt, chosen, rejected[, margin]} (default: bundled VADER pairs)")
+    p.add_argument("--init", help="initial weights: run dir, .safetensors or .pt state_dict (torchref keys)")
+    p.add_argument("--out", help="run directory (default runs/PRESET)")
+    p.set_defaults(func=cmd_train, extra_ok=True)
+    p = sub.add_parser("eval", help="pairwise accuracy, loss and reward statistics of a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="a JSON Lines pair file instead of a bundled split")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("score", help="rewards of texts, as JSON Lines")
+    p.add_argument("run_dir")
+    p.add_argument("texts", nargs="*")
+    p.add_argument("--input", help="JSON Lines with a \"text\" field per line")
+    p.add_argument("--prompt", help="prefix for every text (default: the bundled data's \"Sentence: \")")
+    p.set_defaults(func=cmd_score)
+    p = sub.add_parser("lint", help="load and tokenize a pair file and report what training would drop")
+    p.add_argument("data")
+    p.add_argument("--tokenizer", default="gpt2")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.set_defaults(func=cmd_lint)
+    p = sub.add_parser("convert", help="export a run's weights as a torchref state_dict (.safetensors)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", default="torchref", choices=["torchref"])
+    p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("bench", help="throughput, MFU and memory of jaxrm vs torchref")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_bench, extra_ok=True)
+    return parser
+
+
+def main(argv=None) -> int:
+    from jaxrm import runtime
+    runtime.setup(tcmalloc=argv is None)  # the console script only: never re-exec a host program
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "score":  # argparse leaves texts that follow an option unparsed
+        args.texts += [e for e in extra if not e.startswith("-")]
+        extra = [e for e in extra if e.startswith("-")]
+    if extra and not getattr(args, "extra_ok", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from jaxrm.checkpoint import CheckpointError
+    from jaxrm.data import DataError
+    from jaxrm.train import Preempted, TrainingError
+    try:
+        return args.func(args, extra)
+    except Preempted as e:
+        print(f"\njaxrm: preempted: {e}", file=sys.stderr)
+        return 75  # EX_TEMPFAIL: run again to resume
+    except (DataError, CheckpointError, TrainingError, ValueError, FileNotFoundError) as e:
+        print(f"\njaxrm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The fit loop end to end on a tiny byte-level model: resume, faults, config checks, CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxrm import cli
+from jaxrm.checkpoint import Checkpointer, load_safetensors
+from jaxrm.config import ModelConfig, RunConfig, TrainConfig
+from jaxrm.optim import decay_mask, learning_rate
+from jaxrm.train import TrainingError, fit, init_train_state, make_train_step
+
+MODEL = ModelConfig(vocab_size=257, d_model=32, block_size=64, num_heads=4, dff=64, num_layer=2)
+
+
+def write_pairs(path, n=48, seed=0):
+    """Synthetic preferences a model can learn: the answer with more '!' wins."""
+    rng = np.random.default_rng(seed)
+    words = ["good", "fine", "ok", "nice", "meh", "sure", "well"]
+    with open(path, "w") as f:
+        for i in range(n):
+            body = " ".join(rng.choice(words, size=rng.integers(1, 4)))
+            k = int(rng.integers(0, 3))
+            f.write(json.dumps({"prompt": "Q:", "chosen": f" {body}" + "!" * (k + 1),
+                                "rejected": f" {body}" + "!" * k + ".", "margin": 1.0}) + "\n")
+    return str(path)
+
+
+def make_run(tmp_path, **train):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    defaults = dict(data=data, eval_data=data, tokenizer="byte", seq_len=32, batch_size=8, max_steps=12,
+                    warmup_steps=2, lr_decay_steps=12, learning_rate=3e-3, min_lr=3e-4,
+                    checkpoint_every=4, eval_every=6, log_every=100, keep_checkpoints=2)
+    return RunConfig(MODEL, TrainConfig(**{**defaults, **train}))
+
+
+def weights(run_dir):
+    return load_safetensors(run_dir / "model.safetensors")[0]
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    run = make_run(tmp_path)
+    fit(run, tmp_path / "straight")
+    interrupted = RunConfig(run.model, TrainConfig(**{**run.train.__dict__, "max_steps": 6}))
+    fit(interrupted, tmp_path / "resumed")                       # stops at step 6 ...
+    assert Checkpointer(tmp_path / "resumed" / "checkpoints").latest_step() == 6
+    fit(run, tmp_path / "resumed")                               # ... and continues to 12
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    losses = lambda d: [r["loss"] for r in map(json.loads, open(d / "metrics.jsonl")) if r["kind"] == "train"]
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    assert len(losses(tmp_path / "straight")) == 12
+
+
+def test_training_learns_the_synthetic_preference(tmp_path):
+    run = make_run(tmp_path, max_steps=60, lr_decay_steps=60, eval_every=60, checkpoint_every=60)
+    summary = fit(run, tmp_path / "run")
+    assert summary["validation"]["accuracy"] >= 0.9, summary
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
+
+
+def test_keeps_only_the_last_checkpoints(tmp_path):
+    fit(make_run(tmp_path), tmp_path / "run")
+    assert Checkpointer(tmp_path / "run" / "checkpoints").all_steps() == [8, 12]
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+    run = make_run(tmp_path, max_steps=4)
+    fit(run, tmp_path / "run")
+    other = RunConfig(run.model, TrainConfig(**{**run.train.__dict__, "learning_rate": 1e-2}))
+    with pytest.raises(TrainingError, match="learning_rate: checkpoint has 0.003, this run 0.01"):
+        fit(other, tmp_path / "run")
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    run = make_run(tmp_path, learning_rate=1e30, min_lr=0.0, checkpoint_every=1, grad_clip=0.0)
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step (\d+).*Last good checkpoint: step"):
+        fit(run, tmp_path / "run")
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints")
+    from jaxrm.train import abstract_train_state
+    state, _ = ckpt.restore(abstract_train_state(run.model, run.train))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+def test_nonfinite_steps_can_be_skipped_up_to_a_limit(tmp_path):
+    run = make_run(tmp_path, learning_rate=1e30, min_lr=0.0, grad_clip=0.0, nonfinite="skip", max_nonfinite_skips=3)
+    with pytest.raises(TrainingError, match="4 non-finite steps in a row"):
+        fit(run, tmp_path / "run")
+
+
+def test_a_nonfinite_step_leaves_params_untouched():
+    tc = TrainConfig(batch_size=2, max_steps=4, warmup_steps=1)
+    state = init_train_state(MODEL, tc, seed=0)
+    before = jax.tree.map(np.array, state.params)
+    ids = np.full((4, 8), MODEL.pad_id, np.int32)
+    ids[:, :3] = [[1, 2, 3], [1, 2, 4], [1, 5, 6], [1, 5, 7]]
+    ids[0, 1] = MODEL.vocab_size + 5  # out of range: NaN under jit (never clamped)
+    state, metrics = make_train_step(MODEL, tc)(state, {"input_ids": ids, "margins": np.zeros(2, np.float32)})
+    assert not bool(metrics["finite"]) and int(state.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, state.params), before)
+
+
+def test_decay_mask_is_the_originals_ndim_rule():
+    params = init_train_state(MODEL, TrainConfig(), seed=0).params
+    mask = decay_mask(params)
+    assert mask["wte"]["embedding"] and mask["reward_head"]["kernel"] and mask["h"][0]["attn"]["c_attn"]["kernel"]
+    assert not mask["h"][0]["attn"]["c_attn"]["bias"] and not mask["ln_f"]["scale"]
+
+
+def test_learning_rate_schedule_is_nanogpts():
+    kw = dict(peak=1e-3, min_lr=1e-4, warmup_steps=10, decay_steps=100)
+    assert float(learning_rate(0, **kw)) == pytest.approx(1e-3 * 1 / 11)
+    assert float(learning_rate(9, **kw)) == pytest.approx(1e-3 * 10 / 11)
+    assert float(learning_rate(10, **kw)) == pytest.approx(1e-3)
+    assert float(learning_rate(55, **kw)) == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-5)
+    assert float(learning_rate(100, **kw)) == pytest.approx(1e-4)
+    assert float(learning_rate(500, **kw)) == pytest.approx(1e-4)
+
+
+def test_cli_train_eval_score(tmp_path, capsys):
+    run = make_run(tmp_path)
+    out = tmp_path / "cli"
+    args = ["train", "--preset", "tiny", "--out", str(out), "--data", run.train.data,
+            "--tokenizer=byte", "--vocab_size=257", "--d_model=32", "--max_steps=6", "--seq_len=32",
+            f"--eval_data={run.train.data}", "--batch_size=8", "--checkpoint_every=3"]
+    assert cli.main(args) == 0
+    assert "validation: pairwise accuracy" in capsys.readouterr().out
+    assert cli.main(["eval", str(out), "--data", run.train.data, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["pairs"] == 48 and 0 <= result["accuracy"] <= 1
+    assert cli.main(["score", str(out), "--prompt", "Q:", " good!!", " good."]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [x["text"] for x in lines] == [" good!!", " good."] and all(np.isfinite(x["reward"]) for x in lines)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--preset", "tiny", "--max_steps=x"], "needs a int"),
+    (["train", "--preset", "tiny", "--no_such_key=1"], "unknown config key 'no_such_key'"),
+    (["train", "--preset", "nope"], "unknown preset 'nope'"),
+    (["train", "--preset", "tiny", "--data", "/no/such/file.jsonl"], "/no/such/file.jsonl: no such file"),
+    (["eval", "/no/such/run"], "config.json: no such file"),
+])
+def test_cli_bad_input_is_a_clear_error(argv, message, capsys, tmp_path):
+    if "--data" not in argv and argv[0] == "train":
+        argv = argv + ["--out", str(tmp_path / "x")]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_malformed_data_line_is_named(tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"chosen": "a", "rejected": "b"}\n{"chosen": "a", "rejected": \n')
+    assert cli.main(["train", "--preset", "tiny", "--data", str(path), "--out", str(tmp_path / "r")]) == 2
+    assert f"{path}:2: malformed JSON" in capsys.readouterr().err
+
+
+def test_sigterm_saves_and_resume_matches(tmp_path):
+    """A preempted run (SIGTERM) saves its step, exits 75, and resuming ends where a straight run does."""
+    run = make_run(tmp_path, max_steps=400, lr_decay_steps=400, checkpoint_every=400, eval_every=400)
+    fit(RunConfig(run.model, TrainConfig(**{**run.train.__dict__, "max_steps": 400})), tmp_path / "straight")
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(run.to_dict()))
+    code = ("import json,sys; from jaxrm.config import RunConfig; from jaxrm.train import fit;"
+            "fit(RunConfig.from_dict(json.load(open(sys.argv[1]))), sys.argv[2])")
+    script = f"import sys; from jaxrm.train import Preempted\ntry:\n  exec({code!r})\nexcept Preempted as e:\n  print(e); sys.exit(75)"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(config), str(tmp_path / "pre")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "pre" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, output
+    saved = Checkpointer(tmp_path / "pre" / "checkpoints").latest_step()
+    assert 20 <= saved < 400 and f"saved checkpoint step {saved}" in output
+    fit(run, tmp_path / "pre")
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "pre")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
