@@ -110,6 +110,8 @@ class TrainConfig:
     tokenizer: str = "gpt2"
     seq_len: int = 0                   # padded length T; 0 = block_size
     truncation: str = "drop"
+    group_by_length: int = 0           # >0: batches of similar-length pairs, sorted within windows of this many batches
+    pad_multiple: int = 0              # >0: trim each batch's padding to its longest pair, rounded up to this
     # run
     seed: int = 0
     eval_every: int = 200
@@ -206,7 +208,8 @@ RUN_PRESETS: dict[str, RunConfig] = {
     "tiny": RunConfig(MODEL_PRESETS["tiny"], TrainConfig(batch_size=8, max_steps=50, warmup_steps=5,
                                                          eval_every=25, checkpoint_every=25, log_every=5,
                                                          eval_pairs=256, seq_len=64)),
-    "small": RunConfig(MODEL_PRESETS["small"], TrainConfig(batch_size=16, max_steps=2000, seq_len=128)),
+    "small": RunConfig(MODEL_PRESETS["small"], TrainConfig(batch_size=16, max_steps=2000, seq_len=128,
+                                                           group_by_length=64, pad_multiple=16)),
     "gpt2": RunConfig(MODEL_PRESETS["gpt2"], TrainConfig(batch_size=8, max_steps=5000, seq_len=128)),
 }
 DEFAULT_RUN_PRESET = "small"

@@ -181,21 +181,44 @@ class BatchIterator:
     """
 
     def __init__(self, data: EncodedPairs, batch_size: int, *, seed: int, shuffle: bool = True,
-                 drop_last: bool = True):
+                 drop_last: bool = True, group_by_length: int = 0, pad_multiple: int = 0):
         if not 1 <= batch_size <= len(data):
             raise DataError(f"batch_size {batch_size} must be between 1 and the number of pairs ({len(data)}); "
                             f"lower batch_size or use more data")
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
+        self.group_by_length, self.pad_multiple = group_by_length, pad_multiple
         self.epoch, self.index = 0, 0
         self._order_epoch, self._order = None, None
 
     def order(self, epoch: int) -> np.ndarray:
+        """The epoch's pair order; consecutive batch_size slices are its batches.
+
+        group_by_length=G: the shuffled order is cut into windows of G batches, each window is
+        sorted by pair length and its batches are shuffled again, so a batch holds pairs of
+        similar length (less padding once trimmed to pad_multiple) and batches still come in
+        random order.
+        """
         if self._order_epoch != epoch:
             n = len(self.data)
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._order_epoch = epoch
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(n) if self.shuffle else np.arange(n)
+            if self.group_by_length:
+                order = self._grouped(order, rng)
+            self._order, self._order_epoch = order, epoch
         return self._order
+
+    def _grouped(self, order: np.ndarray, rng) -> np.ndarray:
+        b, window = self.batch_size, self.batch_size * self.group_by_length
+        length = np.maximum(self.data.chosen_lengths, self.data.rejected_lengths)
+        full = len(order) // b * b
+        batches = []
+        for start in range(0, full, window):
+            chunk = order[start:min(start + window, full)]
+            chunk = chunk[np.argsort(length[chunk], kind="stable")]
+            batches += [chunk[i:i + b] for i in range(0, len(chunk), b)]
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        return np.concatenate(batches + [order[full:]])
 
     def state(self) -> dict:
         return {"epoch": int(self.epoch), "index": int(self.index)}
@@ -215,7 +238,12 @@ class BatchIterator:
             self.epoch, self.index = self.epoch + 1, 0
         idx = self.order(self.epoch)[self.index:self.index + b]
         self.index += len(idx)
-        return _batch(self.data, idx)
+        batch = _batch(self.data, idx)
+        if self.pad_multiple:  # trim padding columns: T = the longest pair, rounded up
+            longest = int(batch["lengths"].max())
+            T = min(batch["input_ids"].shape[1], -(-longest // self.pad_multiple) * self.pad_multiple)
+            batch["input_ids"] = batch["input_ids"][:, :T]  # (2B, T)
+        return batch
 
 
 def eval_batches(data: EncodedPairs, batch_size: int) -> Iterator[dict]:

@@ -246,7 +246,8 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
     val_data = load_split(run, tokenizer, val_path, val_path)[0] if val_path else None
 
     checkpoints = Checkpointer(out / rundir.CHECKPOINTS, keep=tc.keep_checkpoints)
-    batches = BatchIterator(train_data, tc.batch_size, seed=tc.seed)
+    batches = BatchIterator(train_data, tc.batch_size, seed=tc.seed, group_by_length=tc.group_by_length,
+                            pad_multiple=tc.pad_multiple)
     resume_step = checkpoints.latest_step()
     if resume_step is not None:
         saved = checkpoints.read_meta(resume_step)
@@ -265,7 +266,6 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
 
     train_step = make_train_step(mc, tc)
     eval_step = make_eval_step(mc, tc)
-    tokens_per_step = 2 * tc.batch_size * train_data.chosen_ids.shape[1]
 
     def save(step_done: int, data_position: dict):
         checkpoints.save(step_done, state, {"config": run.to_dict(), "data": data_position})
@@ -273,16 +273,16 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
     stop_signal = []
     handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
-    pending = None          # (step index, metrics on device, data position after it)
+    pending = None          # (step index, metrics on device, tokens in its batch)
     skipped_in_a_row = 0
     last_time = time.time()
 
     def consume(item):
         nonlocal skipped_in_a_row, last_time
-        index, metrics, _ = item
+        index, metrics, tokens = item
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.time()
-        metrics["tokens_per_s"] = tokens_per_step / max(now - last_time, 1e-9)
+        metrics["tokens_per_s"] = tokens / max(now - last_time, 1e-9)
         last_time = now
         if not metrics.pop("finite"):
             where = f"step {index + 1}: loss {metrics['loss']}, grad norm {metrics['grad_norm']}"
@@ -308,7 +308,7 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
             state, metrics = train_step(state, {"input_ids": batch["input_ids"], "margins": batch["margins"]})
             if pending is not None:
                 consume(pending)  # one step late: the device is already busy with this step
-            pending = (step, metrics, batches.state())
+            pending = (step, metrics, batch["input_ids"].size)
             step += 1
             at_end = step == tc.max_steps
             if step % tc.checkpoint_every == 0 or at_end or stop_signal:

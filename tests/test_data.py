@@ -207,3 +207,45 @@ def test_bundled_validation_fits_100_gpt2_tokens():
     data, stats = encode_pairs(pairs, GPT2Tokenizer(), seq_len=100, pad_id=50256, vocab_size=50257)
     assert stats["pairs_kept"] == len(pairs) and isinstance(data, EncodedPairs)
     assert data.chosen_ids[0, 0] == GPT2Tokenizer().encode("Sentence:")[0]
+
+
+def varied_lengths(n=96, seed=0):
+    rng = np.random.default_rng(seed)
+    pairs = [PreferencePair("P:", " " + "a" * int(rng.integers(1, 40)), " " + "b" * int(rng.integers(1, 40)))
+             for _ in range(n)]
+    return encode_pairs(pairs, ByteTokenizer(), seq_len=48, pad_id=256, vocab_size=257)[0]
+
+
+def test_group_by_length_visits_every_pair_once_with_similar_lengths():
+    data = varied_lengths()
+    longest = np.maximum(data.chosen_lengths, data.rejected_lengths)
+    grouped = BatchIterator(data, 8, seed=3, group_by_length=4, pad_multiple=16)
+    plain = BatchIterator(data, 8, seed=3)
+    assert sorted(grouped.order(0).tolist()) == list(range(len(data)))
+    assert grouped.order(0).tolist() != grouped.order(1).tolist()
+    spread = lambda it: np.mean([np.ptp(longest[it.order(0)[i:i + 8]]) for i in range(0, len(data), 8)])
+    assert spread(grouped) < 0.5 * spread(plain)
+
+
+def test_pad_multiple_trims_each_batch_to_its_longest_pair():
+    data = varied_lengths()
+    it = BatchIterator(data, 8, seed=1, group_by_length=4, pad_multiple=16)
+    widths = set()
+    for _ in range(24):
+        batch = next(it)
+        T = batch["input_ids"].shape[1]
+        widths.add(T)
+        assert T % 16 == 0 and batch["lengths"].max() <= T < batch["lengths"].max() + 16
+        assert (batch["input_ids"][np.arange(16), batch["lengths"] - 1] != 256).all()  # last real token kept
+    assert len(widths) > 1
+
+
+def test_grouped_iterator_restores_the_same_stream():
+    data = varied_lengths()
+    a = BatchIterator(data, 8, seed=5, group_by_length=4, pad_multiple=16)
+    for _ in range(15):
+        next(a)
+    b = BatchIterator(data, 8, seed=5, group_by_length=4, pad_multiple=16)
+    b.restore(a.state())
+    for _ in range(10):
+        np.testing.assert_array_equal(next(a)["input_ids"], next(b)["input_ids"])
