@@ -1,0 +1,116 @@
+"""Process setup that makes XLA's CPU backend fast: an allocator and XLA flags.
+
+XLA's CPU runtime allocates and frees many large temporary buffers per step. Under glibc
+malloc these come from fresh mmap()s every time, so every step page-faults its working set
+in again (about a third of a train step on a 2-core machine; see benchmarks/NOTES.md).
+tcmalloc keeps freed memory mapped and reuses it. It must be loaded before anything else
+allocates, so `preload_tcmalloc()` re-executes the current process with
+LD_PRELOAD=libtcmalloc_minimal.so.4 when the library is installed and not already loaded.
+
+    Debian/Ubuntu: apt-get install -y libtcmalloc-minimal4
+    Opt out:       JAXRM_NO_TCMALLOC=1
+
+The `jaxrm` CLI and `python -m benchmarks` call `setup()` first thing. Library users who
+import jaxrm in their own program get no re-exec; they can start Python themselves with
+LD_PRELOAD=$(python -c "import jaxrm.runtime as r; print(r.find_tcmalloc() or '')").
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+OPT_OUT_ENV = "JAXRM_NO_TCMALLOC"
+_GUARD_ENV = "_JAXRM_TCMALLOC_REEXEC"  # set in the re-executed child: never loop
+_CANDIDATES = (
+    "libtcmalloc_minimal.so.4",
+    "libtcmalloc.so.4",
+)
+_SEARCH_DIRS = (
+    "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/lib/x86_64-linux-gnu",
+    "/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib", "/opt/homebrew/lib",
+)
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def find_tcmalloc() -> str | None:
+    """Absolute path of an installed tcmalloc shared library, or None."""
+    for name in _CANDIDATES:
+        for directory in _SEARCH_DIRS:
+            path = os.path.join(directory, name)
+            if os.path.exists(path):
+                return path
+    for stem in ("tcmalloc_minimal", "tcmalloc"):
+        found = ctypes.util.find_library(stem)  # a soname, e.g. libtcmalloc_minimal.so.4
+        if found:
+            return found
+    return None
+
+
+def tcmalloc_loaded() -> bool:
+    """True when this process already runs with tcmalloc mapped in."""
+    try:
+        with open("/proc/self/maps") as f:
+            return "tcmalloc" in f.read()
+    except OSError:
+        return False
+
+
+def allocator() -> str:
+    """'tcmalloc' or 'system': what this process allocates with (for benchmark reports)."""
+    return "tcmalloc" if tcmalloc_loaded() else "system"
+
+
+def preload_tcmalloc(argv: list[str] | None = None) -> bool:
+    """Re-exec this process with tcmalloc preloaded, when useful and possible.
+
+    Returns False (and does nothing) when opted out (JAXRM_NO_TCMALLOC=1), not on Linux,
+    already loaded, not installed, or when this is already the re-executed child. On
+    success it does not return: os.execve replaces the process (same argv, same env plus
+    LD_PRELOAD). Call it before heavy imports so the first process does little work.
+    """
+    if _truthy(os.environ.get(OPT_OUT_ENV)) or not sys.platform.startswith("linux"):
+        return False
+    if tcmalloc_loaded() or os.environ.get(_GUARD_ENV):
+        return False
+    lib = find_tcmalloc()
+    if lib is None:
+        return False
+    argv = list(argv if argv is not None else getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    if not argv or argv[0] in ("", "-c") or (len(argv) == 1 and sys.flags.interactive):
+        return False  # no way to replay an interactive session
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = lib + (":" + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
+    env[_GUARD_ENV] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+    except OSError:
+        return False
+    return True  # not reached
+
+
+def release_free_memory() -> None:
+    """Give cached free memory back to the OS (tcmalloc or glibc), e.g. before a peak-RSS reading."""
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return
+    fn = getattr(libc, "MallocExtension_ReleaseFreeMemory", None)
+    if fn is not None:
+        fn()
+        return
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def setup(tcmalloc: bool = True) -> None:
+    """Everything the CLI does before importing JAX: allocator first (may re-exec)."""
+    if tcmalloc:
+        preload_tcmalloc()
