@@ -9,8 +9,8 @@ import sys
 EPILOG = """examples:
   jaxrm train                                   # the default preset on the bundled human-rated pairs
   jaxrm train --preset tiny --out runs/t --max_steps=20 --learning_rate=1e-3
-  jaxrm eval runs/small --split test
-  jaxrm score runs/small "What a wonderful day." "This is awful."
+  jaxrm eval runs/base --split test
+  jaxrm score runs/base "What a wonderful day." "This is awful."
 """
 
 
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a reward model (resumes if --out has checkpoints)")
-    p.add_argument("--preset", help="tiny | small (default) | gpt2")
+    p.add_argument("--preset", help="base (default, ~10 min on 2 CPU cores) | tiny | small | gpt2")
     p.add_argument("--data", help="JSON Lines of {prompt, chosen, rejected[, margin]} (default: bundled VADER pairs)")
     p.add_argument("--init", help="initial weights: run dir, .safetensors or .pt state_dict (torchref keys)")
     p.add_argument("--out", help="run directory (default runs/PRESET)")
