@@ -108,3 +108,15 @@ def test_gradient_accumulation_equals_the_full_batch():
     np.testing.assert_allclose(losses_acc, losses_full, rtol=1e-5)
     for name in params_full:
         assert_close_outside_null_part(name, params_acc[name], params_full[name], rtol=1e-4)
+
+
+def test_decay_groups_match_configure_optimizers(capsys):
+    """The ndim >= 2 mask decays exactly the original's tensors; the printed counts are identical."""
+    from jaxrm.optim import describe_decay
+    from jaxrm.train import split_model
+    torch.manual_seed(2)
+    tm = torchref.RewardModel(**CONFIG.torch_kwargs())
+    tm.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    printed = capsys.readouterr().out.splitlines()[:2]
+    params = split_model(convert.from_torch_state_dict(CONFIG, tm.state_dict()))[1]
+    assert describe_decay(params).splitlines() == printed

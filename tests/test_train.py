@@ -183,3 +183,15 @@ def test_sigterm_saves_and_resume_matches(tmp_path):
     fit(run, tmp_path / "pre")
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "pre")
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_mixed_precision_step_keeps_float32_state():
+    tc = TrainConfig(batch_size=2, max_steps=4, warmup_steps=1)
+    bf16 = MODEL.replace(dtype="bfloat16")
+    state = init_train_state(bf16, tc, seed=0)
+    ids = np.full((4, 8), MODEL.pad_id, np.int32)
+    ids[:, :3] = [[1, 2, 3], [1, 2, 4], [1, 5, 6], [1, 5, 7]]
+    state, metrics = make_train_step(bf16, tc)(state, {"input_ids": ids, "margins": np.zeros(2, np.float32)})
+    assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
+    leaves = jax.tree.leaves((state.params, state.opt_state))
+    assert all(x.dtype == np.float32 for x in leaves if np.issubdtype(x.dtype, np.floating))
