@@ -30,7 +30,7 @@ class TrainState:
 
 def split_model(model: RewardModel):
     graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, params.to_pure_dict()
+    return graphdef, nnx.to_pure_dict(params)
 
 
 def model_graphdef(model_config: ModelConfig):
@@ -81,7 +81,7 @@ def pair_metrics(out, valid=None) -> dict:
             "chosen_mean": mean(c), "chosen_std": std(c), "rejected_mean": mean(r), "rejected_std": std(r)}
 
 
-def make_train_step(model_config: ModelConfig, train_config: TrainConfig):
+def make_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh=None):
     """jit(train_step)(state, batch) -> (state, metrics), the state donated.
 
     batch: {"input_ids": (2B, T) int32 chosen rows then rejected rows, "margins": (B,) float32}.
@@ -89,14 +89,34 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig):
     gradient is the exact full-batch gradient: every micro-batch's loss sum is divided by the
     full batch's denominator. A step whose loss or gradient norm is not finite leaves params and
     optimizer state untouched and reports finite=False.
+
+    With a `mesh` (jaxrm.sharding.make_mesh) the state must be placed with
+    jaxrm.sharding.shard_state and the batch with jaxrm.sharding.shard_batch (input_ids
+    (2, B, T), sharded on the pair axis). The model then runs on the pairs interleaved
+    (chosen_0, rejected_0, chosen_1, ...) so each device computes whole pairs; rewards are
+    regrouped to chosen-then-rejected for the loss. Dropout masks are drawn for that
+    interleaved layout, so with dropout on a sharded run samples other (equally valid) masks
+    than the single-device one; without dropout both compute the same function.
     """
     tc, pad_id, k = train_config, model_config.pad_id, train_config.grad_accum_steps
     graphdef = model_graphdef(model_config)
     dropout = _has_dropout(model_config)
+    if mesh is not None:
+        from jaxrm import sharding as shd
+        shd.batch_size_per_shard(mesh, tc.batch_size, k)
+        pairs_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shd.BATCH_AXES))
+
+    def apply_model(model, ids, key):
+        if mesh is None:
+            return model(ids, deterministic=not dropout, rngs=nnx.Rngs(dropout=key))
+        n, T = ids.shape  # chosen then rejected -> interleaved pairs, split over devices by pair
+        pairs = jax.lax.with_sharding_constraint(ids.reshape(2, n // 2, T).swapaxes(0, 1).reshape(n, T), pairs_sharding)
+        rewards = model(pairs, deterministic=not dropout, rngs=nnx.Rngs(dropout=key))
+        return rewards.reshape(n // 2, 2, T).swapaxes(0, 1).reshape(n, T)
 
     def objective(params, micro, key, denominator, num_counted):
         model = nnx.merge(graphdef, params)
-        rewards = model(micro["input_ids"], deterministic=not dropout, rngs=nnx.Rngs(dropout=key))
+        rewards = apply_model(model, micro["input_ids"], key)
         out = pairwise_loss(rewards, micro["input_ids"], pad_id, **_loss_options(tc, micro["margins"]))
         value = out.per_pair_loss.sum() / denominator
         if tc.center_rewards_coef:
@@ -104,6 +124,8 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig):
         return value, out
 
     def train_step(state: TrainState, batch: dict):
+        if batch["input_ids"].ndim == 3:  # sharded layout (2, B, T) -> (2B, T) chosen then rejected
+            batch = {**batch, "input_ids": batch["input_ids"].reshape(-1, batch["input_ids"].shape[-1])}
         ids = batch["input_ids"]
         B = ids.shape[0] // 2
         num_counted = jnp.maximum((~identical_pairs(ids, pad_id)).sum(), 1).astype(jnp.float32)
@@ -121,7 +143,7 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig):
             grads, (values, outs) = jax.lax.scan(accumulate, zeros, (_micro_batches(batch, k), jnp.arange(k)))
             loss = values.sum()
             out = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]) if x.ndim > 1 else x.sum(), outs)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         optimizer = make_optimizer(tc, state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -134,7 +156,12 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig):
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite, **pair_metrics(out)}
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0)
+    state_shardings = shd.state_shardings(abstract_train_state(model_config, train_config), mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(train_step, donate_argnums=0, in_shardings=(state_shardings, shd.batch_shardings(mesh)),
+                   out_shardings=(state_shardings, replicated))
 
 
 def make_eval_step(model_config: ModelConfig, train_config: TrainConfig):
