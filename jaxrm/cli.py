@@ -34,7 +34,10 @@ def cmd_train(args, extra) -> int:
         overrides["data"] = args.data
     run = run_preset(preset).override(overrides)
     out = pathlib.Path(args.out or f"runs/{preset}")
-    init_model = _load_init(args.init, run.model) if args.init else None
+    init_model = _load_init(args.init, run.model, overrides) if args.init else None
+    if init_model is not None and init_model.config != run.model:  # HF / nanoGPT: the checkpoint's architecture
+        import dataclasses
+        run = dataclasses.replace(run, model=init_model.config)
     summary = fit(run, out, init_model=init_model)
     print(f"\nwrote {out}/ (config.json, metrics.jsonl, checkpoints/, model.safetensors, curves.png, summary.json)")
     for split in ("validation", "test"):
@@ -45,21 +48,22 @@ def cmd_train(args, extra) -> int:
     return 0
 
 
-def _load_init(path: str, model_config):
-    """Initial weights: a run directory, or a torchref-keyed .safetensors / .pt state_dict."""
+def _load_init(path: str, model_config, overrides: dict | None = None):
+    """Initial weights: a run directory, a transformers GPT-2 directory, a nanoGPT ckpt.pt, or a
+    torchref-keyed .safetensors / .pt state_dict (torch pickles only with weights_only=True).
+    For HF / nanoGPT the architecture is the checkpoint's, with the model keys of `overrides`."""
+    import dataclasses
+
     from jaxrm import convert
-    from jaxrm.checkpoint import load_safetensors
-    from jaxrm.rundir import load_model
+    from jaxrm.rundir import CONFIG, load_model
 
     p = pathlib.Path(path)
-    if p.is_dir():
+    if p.is_dir() and (p / CONFIG).is_file() and "model_type" not in json.loads((p / CONFIG).read_text()):
         return load_model(p)[1]
-    if p.suffix == ".safetensors":
-        return convert.from_torch_state_dict(model_config, load_safetensors(p)[0])
-    if p.suffix in (".pt", ".pth", ".bin"):
-        import torch  # weights_only: a pickle that would run code is refused
-        return convert.from_torch_state_dict(model_config, torch.load(p, map_location="cpu", weights_only=True))
-    raise SystemExit(f"--init {path}: expected a run directory, .safetensors, or .pt/.pth/.bin state_dict")
+    model_keys = {f.name for f in dataclasses.fields(model_config)}
+    chosen = {key.split(".", 1)[-1] for key in (overrides or {})
+              if key.split(".", 1)[-1] in model_keys and not key.startswith("train.")}
+    return convert.load_init_weights(p, model_config, **{k: getattr(model_config, k) for k in chosen})
 
 
 def _eval_data(run, data: str | None, split: str):
@@ -144,6 +148,13 @@ def cmd_convert(args, extra) -> int:
         raise SystemExit(f"jaxrm convert: {src} is not a run directory")
     _, model = load_model(src)
     dst = pathlib.Path(args.dst)
+    if args.to == "hf-seq-cls":
+        from jaxrm.convert import export_hf_sequence_classification
+        if dst.suffix:
+            raise SystemExit(f"jaxrm convert --to hf-seq-cls: {dst} should be a directory (no suffix)")
+        export_hf_sequence_classification(model, dst)
+        print(f"wrote {dst}/ (config.json, model.safetensors: transformers GPT2ForSequenceClassification)")
+        return 0
     dst.mkdir(parents=True, exist_ok=True) if dst.suffix != ".safetensors" else dst.parent.mkdir(parents=True, exist_ok=True)
     path = export_weights(dst if dst.is_dir() else dst.parent, model)
     if dst.suffix == ".safetensors" and path != dst:
@@ -165,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a reward model (resumes if --out has checkpoints)")
     p.add_argument("--preset", help="base (default, ~10 min on 2 CPU cores) | tiny | small | gpt2")
     p.add_argument("--data", help="JSON Lines of {prompt, chosen, rejected[, margin]} (default: bundled VADER pairs)")
-    p.add_argument("--init", help="initial weights: run dir, .safetensors or .pt state_dict (torchref keys)")
+    p.add_argument("--init", help="initial weights: run dir, transformers GPT-2 dir, nanoGPT ckpt.pt, "
+                                  "or .safetensors/.pt state_dict (torchref keys)")
     p.add_argument("--out", help="run directory (default runs/PRESET)")
     p.set_defaults(func=cmd_train, extra_ok=True)
     p = sub.add_parser("eval", help="pairwise accuracy, loss and reward statistics of a trained run")
@@ -188,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="export a run's weights as a torchref state_dict (.safetensors)")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--to", default="torchref", choices=["torchref"])
+    p.add_argument("--to", default="torchref", choices=["torchref", "hf-seq-cls"],
+                   help="torchref: one .safetensors state_dict; hf-seq-cls: a transformers "
+                        "GPT2ForSequenceClassification directory")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("bench", help="throughput, MFU and memory of jaxrm vs torchref")
     p.add_argument("--quick", action="store_true")

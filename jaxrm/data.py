@@ -178,16 +178,24 @@ class BatchIterator:
     order when shuffle=False). With drop_last the tail of an epoch that does not fill a batch is
     skipped; without it the epoch ends with one smaller batch. state() is the position of the next
     batch: {"epoch": e, "index": number of pairs of epoch e already served}.
+
+    rows=(start, stop): yield only those pairs of each (global) batch, e.g. this process's share
+    in multi-process training (jaxrm.sharding.process_rows). The order, the position and the
+    trimmed length T are those of the global batch, so every process agrees on them.
     """
 
     def __init__(self, data: EncodedPairs, batch_size: int, *, seed: int, shuffle: bool = True,
-                 drop_last: bool = True, group_by_length: int = 0, pad_multiple: int = 0):
+                 drop_last: bool = True, group_by_length: int = 0, pad_multiple: int = 0,
+                 rows: tuple[int, int] | None = None):
         if not 1 <= batch_size <= len(data):
             raise DataError(f"batch_size {batch_size} must be between 1 and the number of pairs ({len(data)}); "
                             f"lower batch_size or use more data")
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
         self.group_by_length, self.pad_multiple = group_by_length, pad_multiple
+        if rows is not None and not (drop_last and 0 <= rows[0] < rows[1] <= batch_size):
+            raise DataError(f"rows={rows} must be a non-empty range within batch_size={batch_size} (with drop_last)")
+        self.rows = rows
         self.epoch, self.index = 0, 0
         self._order_epoch, self._order = None, None
 
@@ -238,9 +246,11 @@ class BatchIterator:
             self.epoch, self.index = self.epoch + 1, 0
         idx = self.order(self.epoch)[self.index:self.index + b]
         self.index += len(idx)
+        longest = int(max(self.data.chosen_lengths[idx].max(), self.data.rejected_lengths[idx].max()))
+        if self.rows is not None:  # this process's share of the global batch
+            idx = idx[self.rows[0]:self.rows[1]]
         batch = _batch(self.data, idx)
-        if self.pad_multiple:  # trim padding columns: T = the longest pair, rounded up
-            longest = int(batch["lengths"].max())
+        if self.pad_multiple:  # trim padding columns: T = the global batch's longest pair, rounded up
             T = min(batch["input_ids"].shape[1], -(-longest // self.pad_multiple) * self.pad_multiple)
             batch["input_ids"] = batch["input_ids"][:, :T]  # (2B, T)
         return batch
