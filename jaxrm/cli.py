@@ -30,6 +30,9 @@ def cmd_train(args, extra) -> int:
 
     preset = args.preset or DEFAULT_RUN_PRESET
     overrides = _split_overrides(extra)
+    if args.coordinator or args.distributed:  # before anything starts a JAX backend
+        from jaxrm.sharding import initialize_distributed
+        initialize_distributed(args.coordinator or "", args.num_processes, args.process_id, args.init_timeout)
     if args.data:
         overrides["data"] = args.data
     run = run_preset(preset).override(overrides)
@@ -129,16 +132,26 @@ def _read_texts(path: str) -> list[str]:
 
 
 def cmd_lint(args, extra) -> int:
-    from jaxrm.config import model_preset
-    from jaxrm.data import encode_pairs, load_pairs
+    """A data report (jaxrm/lint.py); exit code 1 when training would refuse the data."""
+    from jaxrm.data import load_pairs
+    from jaxrm.formats import Columns
+    from jaxrm.lint import format_report, lint_pairs
     from jaxrm.tokenizer import get_tokenizer
 
-    config = model_preset("small")
-    pairs = load_pairs(args.data)
-    _, stats = encode_pairs(pairs, get_tokenizer(args.tokenizer), seq_len=args.seq_len, pad_id=config.pad_id,
-                            vocab_size=config.vocab_size, source=args.data)
-    print(json.dumps(stats, indent=2))
-    return 0
+    columns = {}
+    for item in args.column or []:
+        name, _, col = item.partition("=")
+        if name not in Columns.__dataclass_fields__ or not col:
+            raise SystemExit(f"jaxrm lint: --column {item!r}: expected NAME=COLUMN with NAME one of "
+                             f"{', '.join(Columns.__dataclass_fields__)}")
+        columns[name] = col
+    tokenizer = get_tokenizer(args.tokenizer)
+    vocab_size = args.vocab_size or tokenizer.vocab_size
+    against = load_pairs(args.against, Columns(**columns)) if args.against else None
+    report = lint_pairs(load_pairs(args.data, Columns(**columns)), tokenizer, seq_len=args.seq_len,
+                        vocab_size=vocab_size, source=args.data, against=against)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 1 if report["errors"] else 0
 
 
 def cmd_convert(args, extra) -> int:
@@ -175,10 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a reward model (resumes if --out has checkpoints)")
     p.add_argument("--preset", help="base (default, ~10 min on 2 CPU cores) | tiny | small | gpt2")
-    p.add_argument("--data", help="JSON Lines of {prompt, chosen, rejected[, margin]} (default: bundled VADER pairs)")
+    p.add_argument("--data", help="preference pairs: .jsonl, .json, .csv or .parquet (see README, Data formats; "
+                                  "default: bundled VADER pairs)")
     p.add_argument("--init", help="initial weights: run dir, transformers GPT-2 dir, nanoGPT ckpt.pt, "
                                   "or .safetensors/.pt state_dict (torchref keys)")
     p.add_argument("--out", help="run directory (default runs/PRESET)")
+    g = p.add_argument_group("several processes (README: Multiple devices and hosts); the mesh is "
+                             "--mesh_data=N --mesh_fsdp=M")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address; starts jax.distributed")
+    g.add_argument("--num-processes", type=int, default=1)
+    g.add_argument("--process-id", type=int, default=0)
+    g.add_argument("--distributed", action="store_true",
+                   help="jax.distributed with cluster auto-detection (SLURM, Open MPI, TPU pods, JAX_* variables)")
+    g.add_argument("--init-timeout", type=int, default=300, metavar="SECONDS",
+                   help="give up joining the coordinator after this long (default 300)")
     p.set_defaults(func=cmd_train, extra_ok=True)
     p = sub.add_parser("eval", help="pairwise accuracy, loss and reward statistics of a trained run")
     p.add_argument("run_dir")
@@ -192,10 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="JSON Lines with a \"text\" field per line")
     p.add_argument("--prompt", help="prefix for every text (default: the bundled data's \"Sentence: \")")
     p.set_defaults(func=cmd_score)
-    p = sub.add_parser("lint", help="load and tokenize a pair file and report what training would drop")
+    p = sub.add_parser("lint", help="data report: lengths, identical / truncated / empty pairs, PAD or "
+                                    "end-of-text inside texts, divergence at 0, duplicates")
     p.add_argument("data")
-    p.add_argument("--tokenizer", default="gpt2")
+    p.add_argument("--tokenizer", default="gpt2", help="gpt2 | byte | path/to/tokenizer.json")
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, help="the model's vocab_size (PAD = vocab_size - 1); "
+                                                  "default: the tokenizer's")
+    p.add_argument("--against", help="another pair file (e.g. the test split): report texts found in both")
+    p.add_argument("--column", action="append", help="column name, e.g. --column chosen=good (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_lint)
     p = sub.add_parser("convert", help="export a run's weights as a torchref state_dict (.safetensors)")
     p.add_argument("src")

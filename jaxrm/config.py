@@ -107,9 +107,15 @@ class TrainConfig:
     # data
     data: str = ""                     # "" = the bundled VADER pairs; else a JSON Lines file
     eval_data: str = ""                # validation pairs; "" = bundled validation split (with bundled data only)
-    tokenizer: str = "gpt2"
+    tokenizer: str = "gpt2"            # gpt2 | byte | path/to/tokenizer.json
+    prompt_key: str = "prompt"         # column names in the data files (jaxrm/formats.py)
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    margin_key: str = "margin"
+    chosen_ids_key: str = "input_ids_chosen"
+    rejected_ids_key: str = "input_ids_rejected"
     seq_len: int = 0                   # padded length T; 0 = block_size
-    truncation: str = "drop"
+    truncation: str = "drop"           # over-long pairs: drop | error | left (cut the shared prompt from the left)
     group_by_length: int = 0           # >0: batches of similar-length pairs, sorted within windows of this many batches
     pad_multiple: int = 0              # >0: trim each batch's padding to its longest pair, rounded up to this
     # run
@@ -121,10 +127,13 @@ class TrainConfig:
     log_every: int = 10
     nonfinite: str = "stop"            # stop | skip a step whose loss or gradient is NaN/inf
     max_nonfinite_skips: int = 10      # consecutive skips allowed with nonfinite="skip"
+    # devices (jaxrm/sharding.py): 1 x 1 = one device, unsharded
+    mesh_data: int = 1                 # data parallel: params replicated, batch split
+    mesh_fsdp: int = 1                 # fully sharded: params + optimizer state split, batch split
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum_steps", "max_steps", "log_every", "eval_every",
-                     "checkpoint_every", "keep_checkpoints"):
+                     "checkpoint_every", "keep_checkpoints", "mesh_data", "mesh_fsdp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
@@ -137,8 +146,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.normalize_by must be 'pairs' or 'nonidentical', got {self.normalize_by!r}")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"TrainConfig.nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
-        if self.truncation not in ("drop", "error"):
-            raise ValueError(f"TrainConfig.truncation must be 'drop' or 'error', got {self.truncation!r}")
+        if self.truncation not in ("drop", "error", "left"):
+            raise ValueError(f"TrainConfig.truncation must be 'drop', 'error' or 'left', got {self.truncation!r}")
         if not 0 <= self.min_lr <= self.learning_rate:
             raise ValueError(f"TrainConfig.min_lr={self.min_lr} must be in [0, learning_rate={self.learning_rate}]")
 

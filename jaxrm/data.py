@@ -1,17 +1,14 @@
 """Preference files -> validated, tokenized, padded numpy batches (numpy only, no jax).
 
-File format: JSON Lines (plain or .gz), one pair per line:
+File formats (jaxrm/formats.py): JSON Lines (plain or .gz), JSON, CSV, Parquet; e.g. one pair per line:
     {"prompt": "...", "chosen": "...", "rejected": "...", "margin": 1.5}
-"prompt" (default "") and "margin" are optional. A sequence is tokenizer.encode(prompt + answer),
+"prompt" and "margin" are optional. A sequence is tokenizer.encode(prompt + answer),
 right-padded with pad_id to seq_len. Batches use the original's layout: input_ids [2B, T] with
 rows 0..B-1 the chosen answers and rows B..2B-1 the rejected answers of the same pairs.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
-import math
 import pathlib
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -32,7 +29,9 @@ class PreferencePair:
     chosen: str
     rejected: str
     margin: float | None = None
-    line: int | None = field(default=None, compare=False, repr=False)  # 1-based line in its file, if known
+    line: int | None = field(default=None, compare=False, repr=False)  # 1-based line (JSONL) or row in its file
+    chosen_ids: tuple | None = None  # pre-tokenized sequences: used instead of encode(prompt + answer)
+    rejected_ids: tuple | None = None
 
 
 def bundled_data_path(split: str) -> pathlib.Path:
@@ -45,50 +44,12 @@ def bundled_data_path(split: str) -> pathlib.Path:
 # -----------------------------------------------------------------------------
 # loading
 
-def load_pairs(path) -> list[PreferencePair]:
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    pairs = []
-    try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
-            for lineno, raw in enumerate(f, start=1):
-                pair = _parse_line(raw, f"{path}:{lineno}", lineno)
-                if pair is not None:
-                    pairs.append(pair)
-    except (OSError, EOFError) as e:  # e.g. a truncated or not-really-gzip .gz file
-        raise DataError(f"{path}: cannot read file ({e})") from None
-    if not pairs:
-        raise DataError(f"{path}: empty file, no pairs found")
-    return pairs
-
-
-def _parse_line(raw: bytes, where: str, lineno: int) -> PreferencePair | None:
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    if not line.strip():
-        return None  # blank lines are allowed
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    missing = [k for k in ("chosen", "rejected") if k not in obj]
-    if missing:
-        raise DataError(f"{where}: missing key(s) {', '.join(map(repr, missing))}; keys found: "
-                        f"{', '.join(map(repr, obj)) or 'none'}")
-    for key in ("prompt", "chosen", "rejected"):
-        if key in obj and not isinstance(obj[key], str):
-            raise DataError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")
-    margin = obj.get("margin")
-    if margin is not None:
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-            raise DataError(f"{where}: 'margin' must be a finite number, got {margin!r}")
-        margin = float(margin)
-    return PreferencePair(obj.get("prompt", ""), obj["chosen"], obj["rejected"], margin, line=lineno)
+def load_pairs(path, columns=None) -> list[PreferencePair]:
+    """Pairs from a JSON Lines / JSON / CSV / Parquet file (by name; see jaxrm/formats.py for the
+    row layouts: explicit or implicit prompt, chat messages, pre-tokenized ids, margins).
+    `columns`: a jaxrm.formats.Columns with other column names."""
+    from jaxrm.formats import read_pairs
+    return read_pairs(path, columns)
 
 
 # -----------------------------------------------------------------------------
@@ -111,16 +72,37 @@ def _where(source: str, i: int, pair) -> str:
     return f"{source}:{line} (pair {i})" if line else f"{source}: pair {i}"
 
 
+TRUNCATIONS = ("drop", "error", "left")
+
+
+def _shared_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def encode_pairs(pairs, tokenizer, *, seq_len: int, pad_id: int, vocab_size: int,
                  truncation: str = "drop", source: str = "<pairs>") -> tuple[EncodedPairs, dict]:
-    if truncation not in ("drop", "error"):
-        raise ValueError(f"truncation must be 'drop' or 'error', got {truncation!r}")
+    """Tokenize, check and pad pairs. Pairs longer than seq_len: truncation="drop" skips them,
+    "error" raises, "left" cuts tokens from the left of the shared prefix (the prompt) of both
+    sequences, keeping the answers and at least one shared token; a pair whose answers alone do not
+    fit is dropped. No truncation ever makes a pair identical (identical pairs are dropped)."""
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
     if seq_len < 1 or not 0 <= pad_id < vocab_size:
         raise ValueError(f"need seq_len >= 1 and 0 <= pad_id < vocab_size, got {seq_len=}, {pad_id=}, {vocab_size=}")
     stats = {"pairs_in": len(pairs), "pairs_kept": 0, "dropped_too_long": 0, "dropped_identical": 0, "max_len": 0}
+    if truncation == "left":
+        stats["truncated_left"] = 0
     kept = []  # (chosen ids, rejected ids, margin)
     for i, p in enumerate(pairs):
-        c, r = tokenizer.encode(p.prompt + p.chosen), tokenizer.encode(p.prompt + p.rejected)
+        if p.chosen_ids is not None:  # pre-tokenized
+            c, r = list(p.chosen_ids), list(p.rejected_ids)
+        else:
+            c, r = tokenizer.encode(p.prompt + p.chosen), tokenizer.encode(p.prompt + p.rejected)
         for side, ids in (("chosen", c), ("rejected", r)):
             if not ids:
                 raise DataError(f"{_where(source, i, p)}: prompt + {side} encodes to zero tokens")
@@ -134,6 +116,10 @@ def encode_pairs(pairs, tokenizer, *, seq_len: int, pad_id: int, vocab_size: int
         if c == r:
             stats["dropped_identical"] += 1
             continue
+        cut = max(len(c), len(r)) - seq_len
+        if cut > 0 and truncation == "left" and cut < _shared_prefix(c, r):
+            c, r = c[cut:], r[cut:]
+            stats["truncated_left"] += 1
         if max(len(c), len(r)) > seq_len:
             if truncation == "error":
                 raise DataError(f"{_where(source, i, p)}: {max(len(c), len(r))} tokens > seq_len {seq_len}")

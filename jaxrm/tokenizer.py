@@ -1,4 +1,4 @@
-"""Tokenizers: GPT-2 BPE from the bundled vocabulary, and a byte-level one.
+"""Tokenizers: GPT-2 BPE from the bundled vocabulary, a byte-level one, and a local HF tokenizer.json.
 
 Both are offline: the GPT-2 ranks are read from jaxrm/assets/gpt2.tiktoken (see
 jaxrm/assets/README.md), never fetched. Interface shared by every tokenizer:
@@ -67,10 +67,49 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
 
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` from a local path, through the `tokenizers` package.
+
+    vocab_size counts added tokens; eot_id is the first of <|endoftext|>, </s>, <eos>, <|eot_id|>,
+    <|im_end|> the file defines (None if none). No special tokens are added around the text
+    (add_special_tokens=False), but added/special tokens written in the text are matched by the
+    tokenizers library: a PAD id inside a text is then reported by the data checks.
+    """
+
+    EOT_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>")
+
+    def __init__(self, path):
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such tokenizer file")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError(f"{path}: reading a tokenizer.json needs the tokenizers package "
+                             f"(pip install tokenizers)") from None
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
+        self.name = str(path)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eot_id = next((i for i in map(self._tok.token_to_id, self.EOT_NAMES) if i is not None), None)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
 TOKENIZERS = {"gpt2": GPT2Tokenizer, "byte": ByteTokenizer}
 
 
 def get_tokenizer(name: str):
-    if name not in TOKENIZERS:
-        raise ValueError(f"unknown tokenizer {name!r}; valid choices: {', '.join(sorted(TOKENIZERS))}")
-    return TOKENIZERS[name]()
+    """"gpt2", "byte", or the path of a Hugging Face tokenizer.json."""
+    if name in TOKENIZERS:
+        return TOKENIZERS[name]()
+    if name.endswith(".json") or pathlib.Path(name).is_file():
+        return HFTokenizer(name)
+    raise ValueError(f"unknown tokenizer {name!r}; valid choices: {', '.join(sorted(TOKENIZERS))}, "
+                     f"or the path of a tokenizer.json")

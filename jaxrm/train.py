@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import time
 from typing import Any
@@ -219,11 +220,15 @@ class Preempted(RuntimeError):
 
 # keys that may change between a run and its resume; any other difference is another run
 RESUMABLE_CHANGES = {"max_steps", "eval_every", "eval_pairs", "checkpoint_every", "keep_checkpoints", "log_every",
-                     "nonfinite", "max_nonfinite_skips"}
+                     "nonfinite", "max_nonfinite_skips", "mesh_data", "mesh_fsdp"}
 
 
 def _config_differences(saved: dict, run: RunConfig) -> list[str]:
     current = run.to_dict()
+    try:  # config keys added since the checkpoint was written count as their defaults
+        saved = RunConfig.from_dict(saved).to_dict()
+    except (TypeError, ValueError):
+        pass
     return [f"{section}.{key}: checkpoint has {saved[section].get(key)!r}, this run {value!r}"
             for section in ("model", "train") for key, value in current[section].items()
             if saved.get(section, {}).get(key) != value and key not in RESUMABLE_CHANGES]
@@ -235,7 +240,9 @@ def load_split(run: RunConfig, tokenizer, path: str, source: str):
     seq_len = run.train.seq_len or run.model.block_size
     if seq_len > run.model.block_size:
         raise ValueError(f"seq_len={seq_len} exceeds the model's block_size={run.model.block_size}")
-    return encode_pairs(load_pairs(path), tokenizer, seq_len=seq_len, pad_id=run.model.pad_id,
+    from jaxrm.formats import Columns
+    return encode_pairs(load_pairs(path, Columns.from_train_config(run.train)), tokenizer, seq_len=seq_len,
+                        pad_id=run.model.pad_id,
                         vocab_size=run.model.vocab_size, truncation=run.train.truncation, source=source)
 
 
@@ -248,6 +255,7 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
     import signal
 
     from jaxrm import rundir
+    from jaxrm import sharding as shd
     from jaxrm.checkpoint import Checkpointer
     from jaxrm.data import BatchIterator, bundled_data_path
     from jaxrm.optim import describe_decay
@@ -256,10 +264,13 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
 
     started = time.time()
     tc, mc = run.train, run.model
+    mesh = shd.make_mesh(tc.mesh_data, tc.mesh_fsdp)     # None: one device, the unsharded path
+    shd.batch_size_per_shard(mesh, tc.batch_size, tc.grad_accum_steps)
+    primary = jax.process_index() == 0                    # writes metrics, config, weights
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(tc.max_steps, tc.log_every)
-    say = log or progress.message
+    say = log or (progress.message if primary else (lambda message: None))
 
     tokenizer = get_tokenizer(tc.tokenizer)
     if tokenizer.vocab_size > mc.vocab_size:
@@ -273,8 +284,9 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
     val_data = load_split(run, tokenizer, val_path, val_path)[0] if val_path else None
 
     checkpoints = Checkpointer(out / rundir.CHECKPOINTS, keep=tc.keep_checkpoints)
+    rows = shd.process_rows(mesh, tc.batch_size)          # this process's pairs of each global batch
     batches = BatchIterator(train_data, tc.batch_size, seed=tc.seed, group_by_length=tc.group_by_length,
-                            pad_multiple=tc.pad_multiple)
+                            pad_multiple=tc.pad_multiple, rows=None if rows == (0, tc.batch_size) else rows)
     resume_step = checkpoints.latest_step()
     if resume_step is not None:
         saved = checkpoints.read_meta(resume_step)
@@ -282,17 +294,29 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
         if differences:
             raise TrainingError(f"{out} holds a run with another config ({'; '.join(differences)}); "
                                 f"use another --out or the same settings")
-        state, meta = checkpoints.restore(abstract_train_state(mc, tc), resume_step)
+        target = shd.abstract_with_shardings(abstract_train_state(mc, tc), mesh)  # onto this run's mesh
+        state, meta = checkpoints.restore(target, resume_step)
         batches.restore(meta["data"])
         say(f"resumed from {out / rundir.CHECKPOINTS} step {resume_step}")
     else:
-        state = init_train_state(mc, tc, tc.seed, model=init_model)
-        rundir.write_config(out, run)
+        state = shd.shard_state(init_train_state(mc, tc, tc.seed, model=init_model), mesh)
+        if primary:
+            rundir.write_config(out, run)
         say(describe_decay(state.params))
-    metrics_log = MetricsLog(out / rundir.METRICS, resume_step)
+    if mesh is not None:
+        say(f"mesh data={tc.mesh_data} x fsdp={tc.mesh_fsdp} over {jax.device_count()} devices, "
+            f"{jax.process_count()} process(es); this process loads pairs {rows[0]}..{rows[1] - 1} of each batch")
+    metrics_log = MetricsLog(out / rundir.METRICS if primary else os.devnull, resume_step)
 
-    train_step = make_train_step(mc, tc)
+    train_step = make_train_step(mc, tc, mesh)
     eval_step = make_eval_step(mc, tc)
+
+    def host_params():
+        """Params for evaluation and export: as they are on one device, gathered from the mesh."""
+        if mesh is None:
+            return state.params
+        from jax.experimental import multihost_utils
+        return jax.device_put(multihost_utils.process_allgather(state.params, tiled=True), jax.local_devices()[0])
 
     def save(step_done: int, data_position: dict):
         checkpoints.save(step_done, state, {"config": run.to_dict(), "data": data_position})
@@ -326,16 +350,17 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
         else:
             skipped_in_a_row = 0
         metrics_log.write({"kind": "train", "step": index + 1, **metrics})
-        progress.update(index + 1, metrics)
+        if primary:
+            progress.update(index + 1, metrics)
 
     try:
         step = int(state.step)
         while step < tc.max_steps:
             batch = next(batches)
-            state, metrics = train_step(state, {"input_ids": batch["input_ids"], "margins": batch["margins"]})
+            state, metrics = train_step(state, shd.shard_batch(batch, mesh, tc.batch_size))
             if pending is not None:
                 consume(pending)  # one step late: the device is already busy with this step
-            pending = (step, metrics, batch["input_ids"].size)
+            pending = (step, metrics, batch["input_ids"].size * jax.process_count())
             step += 1
             at_end = step == tc.max_steps
             if step % tc.checkpoint_every == 0 or at_end or stop_signal:
@@ -343,7 +368,7 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
                 pending = None
                 save(step, batches.state())
             if val_data is not None and (step % tc.eval_every == 0 or at_end):
-                result = evaluate(eval_step, state.params, val_data, tc.batch_size * 4, tc.eval_pairs)
+                result = evaluate(eval_step, host_params(), val_data, tc.batch_size * 4, tc.eval_pairs)
                 metrics_log.write({"kind": "eval", "step": step, **result})
                 say(f"step {step}: validation accuracy {result['accuracy']:.4f} loss {result['loss']:.4f} "
                     f"({result['pairs']} pairs)")
@@ -356,15 +381,17 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
 
-    model = merge_model(mc, state.params)
-    rundir.export_weights(out, model)
-    plot_curves(out / rundir.METRICS, out / rundir.CURVES)
+    params = host_params()
+    if primary:
+        rundir.export_weights(out, merge_model(mc, params))
+        plot_curves(out / rundir.METRICS, out / rundir.CURVES)
     summary = {"steps": int(state.step), "wall_time_s": round(time.time() - started, 1), "train_pairs": len(train_data)}
     if val_data is not None:
-        summary["validation"] = evaluate(eval_step, state.params, val_data, tc.batch_size * 4)
+        summary["validation"] = evaluate(eval_step, params, val_data, tc.batch_size * 4)
     if not tc.data:
         test_data = load_split(run, tokenizer, str(bundled_data_path("test")), "test")[0]
-        summary["test"] = evaluate(eval_step, state.params, test_data, tc.batch_size * 4)
-    (out / rundir.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        summary["test"] = evaluate(eval_step, params, test_data, tc.batch_size * 4)
+    if primary:
+        (out / rundir.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     checkpoints.close()
     return summary

@@ -1,0 +1,251 @@
+"""Preference files in the formats users have -> PreferencePair lists (called by data.load_pairs).
+
+Files, by name:
+    *.jsonl, *.jsonl.gz (and any other name: JSON Lines)   one JSON object per line
+    *.json, *.json.gz                                     one JSON list of objects
+    *.csv, *.csv.gz                                       a header row, then one pair per row
+    *.parquet                                             needs pyarrow
+Rows (column names configurable, see Columns / TrainConfig.*_key):
+    explicit prompt     {"prompt": "Q: ...", "chosen": " good", "rejected": " bad"}
+    implicit prompt     {"chosen": "<dialogue> good", "rejected": "<dialogue> bad"}   (no prompt column)
+        the prompt is the longest common prefix of the two texts, cut back so that it ends at
+        position 0 or right after a whitespace character (both answers then start at a word);
+    chat messages       chosen / rejected (and optionally prompt) are lists of
+        {"role": ..., "content": ...}; rendered with CHAT_TEMPLATE: each message becomes
+        "\\n\\n{Role}: {content}", Role = Human for "user", Assistant for "assistant", System
+        for "system", else the role capitalized (Anthropic HH's layout). Without a prompt column
+        the rendered texts are split as implicit prompts;
+    pre-tokenized       {"input_ids_chosen": [ids], "input_ids_rejected": [ids]} (text columns optional);
+    margin              an optional number per pair ("margin"); empty / null = none.
+A sequence is tokenizer.encode(prompt + answer) (or the given ids): the prompt split changes no
+token; it is what lint reports and what prompt truncation may cut.
+Locations in errors: "FILE:LINE" for JSON Lines, "FILE: row N" (1-based, header excluded) otherwise.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import math
+import pathlib
+from dataclasses import dataclass, fields
+
+from jaxrm.data import DataError, PreferencePair
+
+ROLE_NAMES = {"user": "Human", "human": "Human", "assistant": "Assistant", "system": "System"}
+CHAT_TEMPLATE = "\n\n{role}: {content}"
+
+
+@dataclass(frozen=True)
+class Columns:
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    margin: str = "margin"
+    chosen_ids: str = "input_ids_chosen"
+    rejected_ids: str = "input_ids_rejected"
+
+    @classmethod
+    def from_train_config(cls, tc) -> "Columns":
+        return cls(**{f.name: getattr(tc, f"{f.name}_key") for f in fields(cls) if hasattr(tc, f"{f.name}_key")})
+
+
+def file_format(path) -> str:
+    name = pathlib.Path(path).name.lower()
+    name = name[:-3] if name.endswith(".gz") else name
+    for fmt in ("jsonl", "json", "csv", "parquet"):
+        if name.endswith("." + fmt):
+            return fmt
+    return "jsonl"
+
+
+def render_chat(messages, where: str, key: str) -> str:
+    parts = []
+    for j, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise DataError(f"{where}: {key!r} message {j} must be an object with string 'role' and "
+                            f"'content', got {json.dumps(m)[:80]}")
+        parts.append(CHAT_TEMPLATE.format(role=ROLE_NAMES.get(m["role"], m["role"].capitalize()), content=m["content"]))
+    return "".join(parts)
+
+
+def split_common_prefix(a: str, b: str) -> tuple[str, str, str]:
+    """(prompt, a_answer, b_answer): the longest common prefix, cut back to position 0 or to just
+    after a whitespace character."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    while n > 0 and not a[n - 1].isspace():
+        n -= 1
+    return a[:n], a[n:], b[n:]
+
+
+def _text(obj, key, where, *, required=True):
+    value = obj.get(key)
+    if isinstance(value, list):
+        return render_chat(value, where, key), True
+    if isinstance(value, str):
+        return value, False
+    if value is None and not required:
+        return None, False
+    raise DataError(f"{where}: {key!r} must be a string or a list of chat messages, got {type(value).__name__}")
+
+
+def _ids(obj, key, where):
+    value = obj[key]
+    if isinstance(value, str):  # CSV cells hold JSON arrays as text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: {key!r} must be a list of token ids, got the text {value[:40]!r}") from None
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if not (isinstance(value, list) and value
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)):
+        raise DataError(f"{where}: {key!r} must be a non-empty list of non-negative integer token ids, "
+                        f"got {str(value)[:60]}")
+    return tuple(value)
+
+
+def _margin(obj, key, where):
+    value = obj.get(key)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):  # CSV
+        try:
+            value = float(value)
+        except ValueError:
+            raise DataError(f"{where}: {key!r} must be a finite number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where}: {key!r} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def row_to_pair(obj, where: str, row: int, cols: Columns = Columns()) -> PreferencePair:
+    """One row (a dict) -> PreferencePair; errors name `where` and the key."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    margin = _margin(obj, cols.margin, where)
+    if cols.chosen_ids in obj or cols.rejected_ids in obj:
+        missing = [k for k in (cols.chosen_ids, cols.rejected_ids) if k not in obj]
+        if missing:
+            raise DataError(f"{where}: missing key(s) {', '.join(map(repr, missing))}; keys found: "
+                            f"{', '.join(map(repr, obj))}")
+        return PreferencePair("", "", "", margin, line=row,
+                              chosen_ids=_ids(obj, cols.chosen_ids, where),
+                              rejected_ids=_ids(obj, cols.rejected_ids, where))
+    missing = [k for k in (cols.chosen, cols.rejected) if k not in obj]
+    if missing:
+        raise DataError(f"{where}: missing key(s) {', '.join(map(repr, missing))}; keys found: "
+                        f"{', '.join(map(repr, obj)) or 'none'}")
+    chosen, _ = _text(obj, cols.chosen, where)
+    rejected, _ = _text(obj, cols.rejected, where)
+    if cols.prompt in obj:
+        prompt, _ = _text(obj, cols.prompt, where)
+        return PreferencePair(prompt, chosen, rejected, margin, line=row)
+    prompt, chosen, rejected = split_common_prefix(chosen, rejected)
+    return PreferencePair(prompt, chosen, rejected, margin, line=row)
+
+
+# ----------------------------------------------------------------------------- readers
+
+def _open_text(path: pathlib.Path):
+    raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    return raw
+
+
+def _decode(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def _check_columns(path, found, cols: Columns):
+    found = list(found)
+    if cols.chosen_ids in found or cols.rejected_ids in found:
+        need = (cols.chosen_ids, cols.rejected_ids)
+    else:
+        need = (cols.chosen, cols.rejected)
+    missing = [k for k in need if k not in found]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; columns found: "
+                        f"{', '.join(map(repr, found)) or 'none'}")
+
+
+def _jsonl(path: pathlib.Path, cols: Columns):
+    with _open_text(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            line = _decode(raw, where)
+            if not line.strip():
+                continue  # blank lines are allowed
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            yield row_to_pair(obj, where, lineno, cols)
+
+
+def _json(path: pathlib.Path, cols: Columns):
+    with _open_text(path) as f:
+        text = _decode(f.read(), str(path))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"train": [...]} / {"data": [...]}
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects (or JSON Lines: name the file .jsonl), "
+                        f"got {type(data).__name__}")
+    for i, obj in enumerate(data, start=1):
+        yield row_to_pair(obj, f"{path}: row {i}", i, cols)
+
+
+def _csv(path: pathlib.Path, cols: Columns):
+    with _open_text(path) as f:
+        text = _decode(f.read(), str(path))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is None:
+        return
+    _check_columns(path, reader.fieldnames, cols)
+    for i, obj in enumerate(reader, start=1):
+        if None in obj:
+            raise DataError(f"{path}: row {i}: more cells than the header's {len(reader.fieldnames)} columns")
+        if cols.prompt in obj and obj[cols.prompt] is None:
+            obj[cols.prompt] = ""
+        yield row_to_pair({k: v for k, v in obj.items() if v is not None}, f"{path}: row {i}", i, cols)
+
+
+def _parquet(path: pathlib.Path, cols: Columns):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read Parquet ({e})") from None
+    _check_columns(path, table.column_names, cols)
+    for i, obj in enumerate(table.to_pylist(), start=1):
+        yield row_to_pair(obj, f"{path}: row {i}", i, cols)
+
+
+READERS = {"jsonl": _jsonl, "json": _json, "csv": _csv, "parquet": _parquet}
+
+
+def read_pairs(path, cols: Columns | None = None) -> list[PreferencePair]:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        pairs = list(READERS[file_format(path)](path, cols or Columns()))
+    except (OSError, EOFError) as e:  # e.g. a truncated or not-really-gzip .gz file
+        raise DataError(f"{path}: cannot read file ({e})") from None
+    if not pairs:
+        raise DataError(f"{path}: empty file, no pairs found")
+    return pairs

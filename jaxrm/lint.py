@@ -1,0 +1,103 @@
+"""`jaxrm lint DATA`: a report on preference data before training.
+
+Each check counts its pairs and keeps the first few locations ("FILE:LINE" / "FILE: row N"):
+  too_long                      longer than seq_len tokens (training drops them, or errors)
+  identical                     chosen and rejected are the same token sequence (no loss term)
+  identical_after_truncation    different, but the same in their first seq_len tokens
+  pad_in_text                   the PAD id (vocab_size - 1) inside a sequence: the first PAD ends it
+  eot_in_text                   the tokenizer's end-of-text id inside a sequence
+  out_of_vocab                  token ids >= the model's vocab_size
+  divergence_at_0               chosen and rejected differ at token 0 (no shared prompt; the
+                                original's loss asserts divergence > 0)
+  empty_answer                  an empty chosen or rejected answer (after the prompt)
+  empty_sequence                a sequence of zero tokens
+  duplicate                     the same (prompt, chosen, rejected) as an earlier pair
+  in_other_file                 (with --against FILE) the same prompt + chosen or prompt + rejected
+                                text also occurs in the other file (e.g. train vs test)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+ERRORS = ("pad_in_text", "out_of_vocab", "empty_sequence")  # training refuses these
+
+
+def _where(source, i, pair) -> str:
+    line = getattr(pair, "line", None)
+    return f"{source}:{line}" if line else f"{source}: pair {i}"
+
+
+def _ids(pair, tokenizer):
+    if pair.chosen_ids is not None:
+        return list(pair.chosen_ids), list(pair.rejected_ids)
+    return tokenizer.encode(pair.prompt + pair.chosen), tokenizer.encode(pair.prompt + pair.rejected)
+
+
+def lint_pairs(pairs, tokenizer, *, seq_len: int, vocab_size: int, source: str = "<pairs>",
+               against=None, examples: int = 5) -> dict:
+    pad_id = vocab_size - 1
+    eot_id = getattr(tokenizer, "eot_id", None)
+    checks = {name: [] for name in ("too_long", "identical", "identical_after_truncation", "pad_in_text",
+                                    "eot_in_text", "out_of_vocab", "divergence_at_0", "empty_answer",
+                                    "empty_sequence", "duplicate")}
+    if against is not None:
+        checks["in_other_file"] = []
+        other_texts = {p.prompt + a for p in against for a in (p.chosen, p.rejected)}
+    seen = set()
+    lengths = []
+    for i, p in enumerate(pairs):
+        where = _where(source, i, p)
+        c, r = _ids(p, tokenizer)
+        lengths.append(max(len(c), len(r)))
+        flags = []
+        if not c or not r:
+            flags.append("empty_sequence")
+        if p.chosen_ids is None and (not p.chosen or not p.rejected):
+            flags.append("empty_answer")
+        if max(len(c), len(r)) > seq_len:
+            flags.append("too_long")
+        if c == r:
+            flags.append("identical")
+        elif c[:seq_len] == r[:seq_len]:
+            flags.append("identical_after_truncation")
+        if pad_id in c or pad_id in r:
+            flags.append("pad_in_text")
+        if eot_id is not None and eot_id != pad_id and (eot_id in c or eot_id in r):
+            flags.append("eot_in_text")
+        if any(t >= vocab_size or t < 0 for t in c + r):
+            flags.append("out_of_vocab")
+        if c and r and c != r and c[0] != r[0]:
+            flags.append("divergence_at_0")
+        key = (p.prompt, p.chosen, p.rejected, p.chosen_ids, p.rejected_ids)
+        if key in seen:
+            flags.append("duplicate")
+        seen.add(key)
+        if against is not None and p.chosen_ids is None and (
+                p.prompt + p.chosen in other_texts or p.prompt + p.rejected in other_texts):
+            flags.append("in_other_file")
+        for flag in flags:
+            checks[flag].append(where)
+    lengths = np.array(lengths or [0])
+    report = {
+        "source": source, "pairs": len(pairs), "seq_len": seq_len, "vocab_size": vocab_size,
+        "tokens_per_pair": {"min": int(lengths.min()), "p50": int(np.percentile(lengths, 50)),
+                            "p90": int(np.percentile(lengths, 90)), "p99": int(np.percentile(lengths, 99)),
+                            "max": int(lengths.max()), "mean": round(float(lengths.mean()), 2)},
+        "checks": {name: {"count": len(found), "first": found[:examples]} for name, found in checks.items()},
+    }
+    report["trainable_pairs"] = len(pairs) - len({w for name in ("too_long", "identical", *ERRORS)
+                                                  for w in checks[name]})
+    report["errors"] = sum(len(checks[name]) for name in ERRORS)
+    return report
+
+
+def format_report(report: dict) -> str:
+    t = report["tokens_per_pair"]
+    lines = [f"{report['source']}: {report['pairs']} pairs, {report['trainable_pairs']} trainable at "
+             f"seq_len {report['seq_len']}",
+             f"tokens per pair (longer side): min {t['min']}  p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  "
+             f"max {t['max']}  mean {t['mean']}"]
+    for name, c in report["checks"].items():
+        mark = "ERROR" if name in ERRORS and c["count"] else ("warn" if c["count"] else "ok")
+        lines.append(f"  {mark:<5} {name:<28} {c['count']:>7}" + (f"   first: {', '.join(c['first'])}" if c["first"] else ""))
+    return "\n".join(lines)
