@@ -289,8 +289,11 @@ def prepare_jax(case: Case, batch: dict, mode: str):
     from jaxrm.loss import pairwise_loss
     from jaxrm.model import RewardModel
 
+    import jaxrm.model as jm
     cfg = model_config(case)
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+    scan, remat = jm.execution_plan(cfg, 2 * case.pairs, case.T)
+    plan = {"scan_layers": scan, "remat": remat}
     if mode == "train":
         state, step, which = _jax_train_step(cfg, case.pairs)
         holder = [state]
@@ -299,7 +302,7 @@ def prepare_jax(case: Case, batch: dict, mode: str):
             holder[0], metrics = step(holder[0], jbatch)
             jax.block_until_ready(metrics)
 
-        return one, {"step_fn": which}
+        return one, {"step_fn": which, **plan}
 
     model = RewardModel(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -310,7 +313,7 @@ def prepare_jax(case: Case, batch: dict, mode: str):
         return out.chosen_end_scores, out.rejected_end_scores
 
     ids = jbatch["input_ids"]
-    return (lambda: jax.block_until_ready(score(params, ids))), {}
+    return (lambda: jax.block_until_ready(score(params, ids))), plan
 
 
 def prepare_torch(case: Case, batch: dict, mode: str, compiled: bool = False):

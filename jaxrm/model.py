@@ -7,11 +7,13 @@ No loss in here: see loss.py.
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxrm.config import ModelConfig
 
@@ -38,8 +40,85 @@ def _dropout(x, rate: float, deterministic: bool, rngs: nnx.Rngs | None):
     if rngs is None:
         raise ValueError("dropout is on (deterministic=False) but no rngs were given: "
                          "call model(ids, deterministic=False, rngs=nnx.Rngs(dropout=seed))")
-    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    return _dropout_key(x, rate, rngs.dropout())
+
+
+def _dropout_key(x, rate: float, key):
+    """Inverted dropout from 16-bit random draws: half the threefry work of a float32 uniform.
+    The drop probability is round(rate * 2**16) / 2**16 and the scale is its exact inverse."""
+    if key is None or rate == 0.0:
+        return x
+    threshold = int(round(rate * 65536))
+    keep = jax.random.bits(key, x.shape, jnp.uint16) >= threshold
+    scale = 65536.0 / (65536 - threshold)
+    return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros_like(x))
+
+
+# ----------------------------------------------------------------------------- functional core
+# The modules below hold the parameters (names as in torchref); the math is these pure functions
+# of a per-block parameter dict, so the same code runs unrolled or under lax.scan over layers.
+
+def _layer_norm_fn(x, p, eps):
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    xc = x - mean
+    var = (xc * xc).mean(-1, keepdims=True)
+    return xc * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _linear_fn(x, p, dtype):
+    y = jnp.dot(x.astype(dtype), p["kernel"].astype(dtype))
+    return y + p["bias"].astype(dtype)
+
+
+def _attention_probs_fn(q, k, v, key, rate: float):
+    """Causal softmax(q k^T / sqrt(d)) v for q, k, v (B, T, nh, hs); returns (B, T, nh, hs)."""
+    T, hs = q.shape[1], q.shape[-1]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # (B, nh, T, T)
+    scores = scores * (1.0 / math.sqrt(hs))
+    causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+    scores = jnp.where(causal, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)  # float32
+    probs = _dropout_key(probs, rate, key)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)  # (B, T, nh, hs)
+
+
+def _mha_fn(x, p, cfg: ModelConfig, keys, remat: bool):
+    B, T, C = x.shape
+    dtype = jnp.dtype(cfg.dtype)
+    qkv = _linear_fn(x, p["c_attn"], dtype)
+    qkv = checkpoint_name(qkv, "qkv").reshape(B, T, 3, cfg.num_heads, cfg.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    attend = _attention_probs_fn
+    if remat:  # keep q, k, v for the backward pass, recompute the (B, nh, T, T) scores and probs
+        attend = jax.checkpoint(_attention_probs_fn, static_argnums=(4,))
+    y = attend(q, k, v, None if keys is None else keys[0], cfg.attn_pdrop).reshape(B, T, C)
+    y = checkpoint_name(y, "attn_y")
+    y = _linear_fn(y, p["c_proj"], dtype)
+    return _dropout_key(y, cfg.resid_pdrop, None if keys is None else keys[1])
+
+
+def _mlp_fn(x, p, cfg: ModelConfig, key):
+    dtype = jnp.dtype(cfg.dtype)
+    h = checkpoint_name(_linear_fn(x, p["c_fc"], dtype), "fc_h")
+    x = ACTIVATION_FNS[cfg.activation](h)
+    x = _linear_fn(x, p["c_proj"], dtype)
+    return _dropout_key(x, cfg.dropout, key)
+
+
+def _block_fn(x, p, cfg: ModelConfig, key, remat: bool):
+    keys = None if key is None else jax.random.split(key, 3)
+    x = x + _mha_fn(_layer_norm_fn(x, p["ln_1"], cfg.layer_norm_eps), p["attn"], cfg,
+                    None if keys is None else keys[:2], remat)
+    x = checkpoint_name(x, "x_mid")
+    x = x + _mlp_fn(_layer_norm_fn(x, p["ln_2"], cfg.layer_norm_eps), p["mlp"], cfg,
+                    None if keys is None else keys[2])
+    return x
+
+
+def _values(tree):
+    """A module's Params as a plain nested dict of arrays (tracers under a transform)."""
+    return nnx.to_pure_dict(nnx.state(tree, nnx.Param))
 
 
 class MHA(nnx.Module):
@@ -50,22 +129,9 @@ class MHA(nnx.Module):
         self.c_proj = _linear(config, d, d, 0.02 / math.sqrt(2 * config.num_layer), rngs)
 
     def __call__(self, x, deterministic: bool, rngs: nnx.Rngs | None):
-        cfg = self.config
-        B, T, C = x.shape
-        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
-        q = q.reshape(B, T, cfg.num_heads, cfg.head_dim)  # (B, T, nh, hs)
-        k = k.reshape(B, T, cfg.num_heads, cfg.head_dim)
-        v = v.reshape(B, T, cfg.num_heads, cfg.head_dim)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # (B, nh, T, T)
-        scores = scores * (1.0 / math.sqrt(cfg.head_dim))
-        causal = jnp.tril(jnp.ones((T, T), dtype=bool))
-        scores = jnp.where(causal, scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1)  # float32
-        probs = _dropout(probs, cfg.attn_pdrop, deterministic, rngs)
-        y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)  # (B, T, nh, hs)
-        y = y.reshape(B, T, C)  # (B, T, C)
-        y = self.c_proj(y)
-        return _dropout(y, cfg.resid_pdrop, deterministic, rngs)
+        key = _layer_key(self.config, deterministic, rngs)
+        keys = None if key is None else jax.random.split(key, 2)
+        return _mha_fn(x, _values(self), self.config, keys, remat=False)
 
 
 class FeedForward(nnx.Module):
@@ -75,22 +141,86 @@ class FeedForward(nnx.Module):
         self.c_proj = _linear(config, config.dff, config.d_model, 0.02 / math.sqrt(2 * config.num_layer), rngs)
 
     def __call__(self, x, deterministic: bool, rngs: nnx.Rngs | None):
-        x = ACTIVATION_FNS[self.config.activation](self.c_fc(x))
-        x = self.c_proj(x)
-        return _dropout(x, self.config.dropout, deterministic, rngs)
+        return _mlp_fn(x, _values(self), self.config, _layer_key(self.config, deterministic, rngs))
 
 
 class Block(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.config = config
         self.ln_1 = _layer_norm(config, rngs)
         self.attn = MHA(config, rngs)
         self.ln_2 = _layer_norm(config, rngs)
         self.mlp = FeedForward(config, rngs)
 
     def __call__(self, x, deterministic: bool, rngs: nnx.Rngs | None):
-        x = x + self.attn(self.ln_1(x), deterministic, rngs)
-        x = x + self.mlp(self.ln_2(x), deterministic, rngs)
-        return x
+        key = _layer_key(self.config, deterministic, rngs)
+        return _block_fn(x, _values(self), self.config, key, remat=False)
+
+
+def _has_dropout(config: ModelConfig) -> bool:
+    return any((config.attn_pdrop, config.resid_pdrop, config.dropout))
+
+
+def _layer_key(config: ModelConfig, deterministic: bool, rngs: nnx.Rngs | None):
+    if deterministic or not _has_dropout(config):
+        return None
+    if rngs is None:
+        raise ValueError("dropout is on (deterministic=False) but no rngs were given: "
+                         "call model(ids, deterministic=False, rngs=nnx.Rngs(dropout=seed))")
+    return rngs.dropout()
+
+
+# Execution strategy (not part of the config: the function computed is the same). Module-level
+# settings, overridable with environment variables; measurements in benchmarks/NOTES.md.
+# "auto" (default): when the activations a train step would store are small against the machine's
+# RAM, run the blocks unrolled and store everything (fastest on CPU, ~15% over the alternative);
+# when they are large (GPT-2 at T=512: ~10 GB), scan over the layers and recompute inside each
+# block (2.6x less memory). Remat only takes effect under lax.scan on XLA:CPU, hence the pairing.
+REMAT = os.environ.get("JAXRM_REMAT", "auto")
+"""auto | none | attention | block. "block": save only qkv, the attention output, the mid-block
+residual and the MLP pre-activation per layer (LayerNorms, attention probs, GELU and dropout
+masks are recomputed in the backward pass); "attention": recompute only the attention probs."""
+SCAN_LAYERS = os.environ.get("JAXRM_SCAN_LAYERS", "auto")
+"""auto | 1 | 0: lax.scan over the blocks (their params stacked on the fly) or a Python loop."""
+REMAT_BUDGET = float(os.environ.get("JAXRM_REMAT_BUDGET", "0.15"))
+"""auto: recompute when the estimated stored activations exceed this fraction of physical RAM."""
+
+
+def _physical_memory() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * 2**30
+
+
+def stored_activation_bytes(cfg: ModelConfig, B: int, T: int) -> float:
+    """Rough size of what backprop through the unrolled model keeps (fitted to XLA:CPU's buffer
+    assignment: ~4 tensors of width dff, ~12 of d_model and ~3 of nh*T per token and layer)."""
+    per_token = 4 * cfg.dff + 12 * cfg.d_model + 3 * cfg.num_heads * T
+    return 4.0 * per_token * B * T * cfg.num_layer
+
+
+def execution_plan(cfg: ModelConfig, B: int, T: int) -> tuple[bool, str]:
+    """(scan_layers, remat) for a (B, T) input under the module settings."""
+    remat, scan = REMAT, SCAN_LAYERS
+    if remat == "auto":
+        big = stored_activation_bytes(cfg, B, T) > REMAT_BUDGET * _physical_memory()
+        remat = "block" if big else "none"
+    if scan == "auto":
+        scan = remat != "none"
+    elif isinstance(scan, str):
+        scan = scan not in ("0", "false", "no")
+    return bool(scan) and cfg.num_layer > 1, remat
+
+
+_BLOCK_POLICY = jax.checkpoint_policies.save_only_these_names("qkv", "attn_y", "x_mid", "fc_h")
+
+
+def _apply_block(x, p, cfg: ModelConfig, key, remat: str, in_scan: bool):
+    if remat == "block":
+        fn = jax.checkpoint(_block_fn, static_argnums=(2, 4), policy=_BLOCK_POLICY, prevent_cse=not in_scan)
+        return fn(x, p, cfg, key, False)
+    return _block_fn(x, p, cfg, key, remat == "attention")
 
 
 class RewardModel(nnx.Module):
@@ -105,15 +235,29 @@ class RewardModel(nnx.Module):
 
     def hidden_states(self, input_ids, deterministic: bool = True, rngs: nnx.Rngs | None = None):
         """The final-LayerNorm output (B, T, C): what the reward head reads."""
-        check_input_ids(input_ids, self.config)
+        cfg = self.config
+        check_input_ids(input_ids, cfg)
         B, T = input_ids.shape
         # mode="fill": an out-of-range id gives a NaN row under jit, never a silently clamped one.
         tok = jnp.take(self.wte.embedding[...], input_ids, axis=0, mode="fill", fill_value=jnp.nan)  # (B, T, C)
         x = tok + self.wpe.embedding[:T][None]  # (B, T, C)
-        x = _dropout(x, self.config.embed_pdrop, deterministic, rngs)
-        for block in self.h:
-            x = block(x, deterministic, rngs)
-        return self.ln_f(x)
+        x = _dropout(x, cfg.embed_pdrop, deterministic, rngs)
+        key = _layer_key(cfg, deterministic, rngs)
+        keys = None if key is None else jax.random.split(key, cfg.num_layer)
+        params = [_values(block) for block in self.h]
+        scan, remat = execution_plan(cfg, B, T)
+        if scan:
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params)
+
+            def body(x, layer):
+                p, k = layer
+                return _apply_block(x, p, cfg, k, remat, in_scan=True), None
+
+            x, _ = jax.lax.scan(body, x, (stacked, keys))
+        else:
+            for i, p in enumerate(params):
+                x = _apply_block(x, p, cfg, None if keys is None else keys[i], remat, in_scan=False)
+        return _layer_norm_fn(x, _values(self.ln_f), cfg.layer_norm_eps)
 
     def __call__(self, input_ids, deterministic: bool = True, rngs: nnx.Rngs | None = None):
         x = self.hidden_states(input_ids, deterministic, rngs)
