@@ -303,8 +303,8 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
         if primary:
             rundir.write_config(out, run)
         say(describe_decay(state.params))
-    if mesh is not None:
-        say(f"mesh data={tc.mesh_data} x fsdp={tc.mesh_fsdp} over {jax.device_count()} devices, "
+    if mesh is not None:  # every process says which rows it loads
+        (log or progress.message)(f"mesh data={tc.mesh_data} x fsdp={tc.mesh_fsdp} over {jax.device_count()} devices, "
             f"{jax.process_count()} process(es); this process loads pairs {rows[0]}..{rows[1] - 1} of each batch")
     metrics_log = MetricsLog(out / rundir.METRICS if primary else os.devnull, resume_step)
 

@@ -5,7 +5,8 @@
       final params, shard shapes; the data=2 x fsdp=4 state checkpointed and restored onto a
       4-device fsdp mesh.
   python tests/sharding_worker.py run OUT.json DATA FSDP [COORDINATOR NUM_PROCESSES PROCESS_ID]
-      10 steps on a DATA x FSDP mesh, every process loading only its rows of each batch.
+      10 steps on a DATA x FSDP mesh, every process loading only its rows of each batch
+      (for trying things by hand; the tests run two processes through `jaxrm train`).
 """
 import json
 import sys

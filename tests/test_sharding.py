@@ -50,24 +50,16 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One 8-device subprocess (1 device, data=8, fsdp=8, data=2 x fsdp=4, checkpoint restore) and,
-    meanwhile, two processes x 2 devices joined by jax.distributed on 127.0.0.1."""
+    """One 8-device subprocess: 1 device, data=8, fsdp=8, data=2 x fsdp=4, checkpoint restore.
+    (Two processes: test_cli_... below, through `jaxrm train --coordinator`.)"""
     d = tmp_path_factory.mktemp("sharding")
-    port = free_port()
-    equivalence = worker(["equivalence", str(d / "eq.json")], devices=8)
-    procs = [worker(["run", str(d / f"p{i}.json"), "2", "2", f"127.0.0.1:{port}", "2", str(i)], devices=2)
-             for i in range(2)]
-    for p in procs:
-        finish(p)
-    finish(equivalence)
+    finish(worker(["equivalence", str(d / "eq.json")], devices=8))
     npz = np.load(str(d / "eq.json") + ".npz")
     params = {}
     for key in npz.files:
         name, path = key.split("/", 1)
         params.setdefault(name, {})[path] = npz[key]
-    return {"eq": json.load(open(d / "eq.json")), "params": params,
-            "procs": [json.load(open(d / f"p{i}.json")) for i in range(2)],
-            "proc_params": dict(np.load(str(d / "p0.json") + ".npz"))}
+    return {"eq": json.load(open(d / "eq.json")), "params": params}
 
 
 def exempt(key: str, ref: np.ndarray) -> np.ndarray:
@@ -134,15 +126,6 @@ def test_sharded_checkpoint_restores_onto_another_mesh(runs):
     assert np.isfinite(restore["next_loss"])
 
 
-def test_two_processes_equal_one(runs):
-    p0, p1 = runs["procs"]
-    assert p0["process_count"] == 2 and p0["devices"] == 4 and p0["local_devices"] == 2
-    assert (p0["rows"], p1["rows"]) == ([0, 8], [8, 16])        # each process loads its half of a batch
-    assert p0["losses"] == p1["losses"]
-    assert_same_losses(runs["eq"]["1"], p0["losses"])
-    assert_same_params(runs["params"]["1"], runs["proc_params"])
-
-
 # -----------------------------------------------------------------------------
 # in-process: rules and bad input
 
@@ -191,3 +174,49 @@ def test_bad_coordinator_arguments():
         shd.initialize_distributed("localhost", 2, 0)
     with pytest.raises(shd.ShardingError, match="process-id must be in"):
         shd.initialize_distributed("127.0.0.1:1234", 2, 2)
+
+
+# -----------------------------------------------------------------------------
+# the CLI: jaxrm train on a mesh, resumed on another; two processes joined by --coordinator
+
+CLI_ARGS = ["--vocab_size=257", "--d_model=32", "--num_heads=4", "--dff=64", "--num_layer=2", "--block_size=32",
+            "--tokenizer=byte", "--seq_len=32", "--batch_size=8", "--warmup_steps=2", "--lr_decay_steps=6",
+            "--checkpoint_every=2", "--eval_every=6", "--embed_pdrop=0", "--attn_pdrop=0", "--resid_pdrop=0",
+            "--dropout=0", "--log_every=1"]
+
+
+def cli(args, devices, out):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "jaxrm.cli", "train", "--preset", "tiny", "--out", str(out),
+                             *CLI_ARGS, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def train_losses(run_dir):
+    return [r["loss"] for r in map(json.loads, open(run_dir / "metrics.jsonl")) if r["kind"] == "train"]
+
+
+def test_cli_two_processes_and_a_resume_on_another_mesh_equal_one_device(tmp_path):
+    from tests.test_train import weights, write_pairs
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    port = free_port()
+    # 2 processes x 2 devices (data=2 x fsdp=2), while the single-device reference runs here
+    procs = [cli([f"--data={data}", "--max_steps=6", "--mesh_data=2", "--mesh_fsdp=2", "--coordinator",
+                  f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)], 2, tmp_path / "procs")
+             for i in range(2)]
+    reference = cli([f"--data={data}", "--max_steps=6"], 1, tmp_path / "one")
+    logs = [finish(p) for p in procs]
+    finish(reference)
+    assert "this process loads pairs 0..3 of each batch" in logs[0]
+    assert "this process loads pairs 4..7 of each batch" in logs[1]
+    # 8 devices (data=2 x fsdp=4) for 4 steps, then resumed on 4 devices (fsdp=4) to 6
+    finish(cli([f"--data={data}", "--max_steps=4", "--mesh_data=2", "--mesh_fsdp=4"], 8, tmp_path / "mesh"))
+    log = finish(cli([f"--data={data}", "--max_steps=6", "--mesh_fsdp=4"], 8, tmp_path / "mesh"))
+    assert "resumed from" in log and "mesh data=1 x fsdp=4" in log
+    ref = train_losses(tmp_path / "one")
+    assert len(ref) == 6
+    for run in ("procs", "mesh"):
+        np.testing.assert_allclose(train_losses(tmp_path / run), ref, rtol=1e-5, atol=0)
+        a, b = weights(tmp_path / "one"), weights(tmp_path / run)
+        assert all(np.allclose(a[k], b[k], rtol=0, atol=2 * 6 * 1e-3) for k in a)  # see the module docstring
+        assert max(np.linalg.norm(a[k] - b[k]) / np.linalg.norm(a[k]) for k in a if "ln_f.bias" not in k
+                   and "c_attn.bias" not in k) <= 5e-4
