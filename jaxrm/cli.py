@@ -42,6 +42,9 @@ def cmd_train(args, extra) -> int:
         import dataclasses
         run = dataclasses.replace(run, model=init_model.config)
     summary = fit(run, out, init_model=init_model)
+    import jax
+    if jax.process_index() != 0:  # several processes: process 0 reports
+        return 0
     print(f"\nwrote {out}/ (config.json, metrics.jsonl, checkpoints/, model.safetensors, curves.png, summary.json)")
     for split in ("validation", "test"):
         if split in summary:

@@ -208,6 +208,7 @@ def test_cli_two_processes_and_a_resume_on_another_mesh_equal_one_device(tmp_pat
     finish(reference)
     assert "this process loads pairs 0..3 of each batch" in logs[0]
     assert "this process loads pairs 4..7 of each batch" in logs[1]
+    assert "wall time" in logs[0] and "wall time" not in logs[1]   # process 0 reports
     # 8 devices (data=2 x fsdp=4) for 4 steps, then resumed on 4 devices (fsdp=4) to 6
     finish(cli([f"--data={data}", "--max_steps=4", "--mesh_data=2", "--mesh_fsdp=4"], 8, tmp_path / "mesh"))
     log = finish(cli([f"--data={data}", "--max_steps=6", "--mesh_fsdp=4"], 8, tmp_path / "mesh"))
