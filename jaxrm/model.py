@@ -71,8 +71,25 @@ def _linear_fn(x, p, dtype):
     return y + p["bias"].astype(dtype)
 
 
+ATTENTION = os.environ.get("JAXRM_ATTENTION", "auto")
+"""auto | einsum | sdpa. "einsum": the explicit formulation below (on XLA:CPU, jax 0.10.2,
+GPT-2 layer shape, jax.nn.dot_product_attention measured 1.13x slower; see benchmarks/NOTES.md). "sdpa":
+jax.nn.dot_product_attention, which picks cuDNN flash attention on GPUs. auto = einsum on CPU,
+sdpa elsewhere; attention dropout always uses einsum (SDPA has no dropout)."""
+
+
+def _use_sdpa(key) -> bool:
+    if key is not None:
+        return False
+    if ATTENTION == "auto":
+        return jax.default_backend() != "cpu"
+    return ATTENTION == "sdpa"
+
+
 def _attention_probs_fn(q, k, v, key, rate: float):
     """Causal softmax(q k^T / sqrt(d)) v for q, k, v (B, T, nh, hs); returns (B, T, nh, hs)."""
+    if _use_sdpa(key):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True).astype(v.dtype)
     T, hs = q.shape[1], q.shape[-1]
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # (B, nh, T, T)
     scores = scores * (1.0 / math.sqrt(hs))

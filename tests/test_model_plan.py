@@ -45,3 +45,13 @@ def test_auto_plan_recomputes_only_when_large():
     big = M.stored_activation_bytes(gpt2, 64, 1024)
     assert big > 0.15 * M._physical_memory()
     assert M.execution_plan(gpt2, 64, 1024) == (True, "block")
+
+
+def test_sdpa_attention_matches_einsum(monkeypatch):
+    monkeypatch.setattr(M, "ATTENTION", "einsum")
+    ref = run(PLANS[0], None, monkeypatch)
+    monkeypatch.setattr(M, "ATTENTION", "sdpa")
+    got = run(PLANS[0], None, monkeypatch)
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-5)
+    for g, r in zip(got[2], ref[2]):
+        np.testing.assert_allclose(g, r, atol=1e-5)
