@@ -619,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
                 msg += (f" | torchref {t['tokens_per_s']:9.0f} tok/s (spread {t['spread_pct']:.0f}%)"
                         f" | ratio {j['tokens_per_s'] / t['tokens_per_s']:.2f}x")
             print(msg, flush=True)
+        os.makedirs(args.out, exist_ok=True)  # partial results survive an interrupted run
+        with open(os.path.join(args.out, "bench.partial.json"), "w") as f:
+            json.dump({"machine": machine, "peaks": peaks, "results": results}, f, indent=1)
     report = {"machine": machine, "peaks": peaks, "args": {k: v for k, v in vars(args).items()},
               "results": results, "wall_s": time.perf_counter() - t_start}
     os.makedirs(args.out, exist_ok=True)
