@@ -221,3 +221,10 @@ def test_cli_two_processes_and_a_resume_on_another_mesh_equal_one_device(tmp_pat
         assert all(np.allclose(a[k], b[k], rtol=0, atol=2 * 6 * 1e-3) for k in a)  # see the module docstring
         assert max(np.linalg.norm(a[k] - b[k]) / np.linalg.norm(a[k]) for k in a if "ln_f.bias" not in k
                    and "c_attn.bias" not in k) <= 5e-4
+
+
+def test_cli_mesh_larger_than_devices_is_a_clear_error(tmp_path, capsys):
+    from jaxrm import cli
+    assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--mesh_fsdp=4"]) == 2
+    assert "mesh data=1 x fsdp=4 needs 4 devices but only 1 are present" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
