@@ -171,11 +171,9 @@ def cmd_convert(args, extra) -> int:
         export_hf_sequence_classification(model, dst)
         print(f"wrote {dst}/ (config.json, model.safetensors: transformers GPT2ForSequenceClassification)")
         return 0
-    dst.mkdir(parents=True, exist_ok=True) if dst.suffix != ".safetensors" else dst.parent.mkdir(parents=True, exist_ok=True)
-    path = export_weights(dst if dst.is_dir() else dst.parent, model)
-    if dst.suffix == ".safetensors" and path != dst:
-        path.replace(dst)
-        path = dst
+    path = dst if dst.suffix == ".safetensors" else dst / "model.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_weights(None, model, path)
     print(f"wrote {path} (torchref state_dict keys)")
     return 0
 

@@ -30,8 +30,9 @@ def read_config(run_dir) -> RunConfig:
         raise ValueError(f"{path}: not a valid jaxrm config ({e})") from None
 
 
-def export_weights(run_dir, model: RewardModel) -> pathlib.Path:
-    path = pathlib.Path(run_dir) / WEIGHTS
+def export_weights(run_dir, model: RewardModel, path=None) -> pathlib.Path:
+    """Write the weights under torchref's state_dict keys to `path` (default RUN_DIR/model.safetensors)."""
+    path = pathlib.Path(path) if path is not None else pathlib.Path(run_dir) / WEIGHTS
     save_safetensors(convert.to_torch_state_dict(model), path,
                      metadata={"format": "torchref", "model_config": json.dumps(model.config.__dict__)})
     return path

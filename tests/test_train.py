@@ -137,6 +137,9 @@ def test_cli_train_eval_score(tmp_path, capsys):
     assert cli.main(["score", str(out), "--prompt", "Q:", " good!!", " good."]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert [x["text"] for x in lines] == [" good!!", " good."] and all(np.isfinite(x["reward"]) for x in lines)
+    assert cli.main(["convert", str(out), str(tmp_path / "export" / "rm.safetensors")]) == 0
+    exported = load_safetensors(tmp_path / "export" / "rm.safetensors")[0]
+    assert all(np.array_equal(exported[k], v) for k, v in weights(out).items())
 
 
 @pytest.mark.parametrize("argv,message", [
