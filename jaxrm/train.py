@@ -385,12 +385,13 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
     if primary:
         rundir.export_weights(out, merge_model(mc, params))
         plot_curves(out / rundir.METRICS, out / rundir.CURVES)
-    summary = {"steps": int(state.step), "wall_time_s": round(time.time() - started, 1), "train_pairs": len(train_data)}
+    summary = {"steps": int(state.step), "train_pairs": len(train_data)}
     if val_data is not None:
         summary["validation"] = evaluate(eval_step, params, val_data, tc.batch_size * 4)
     if not tc.data:
         test_data = load_split(run, tokenizer, str(bundled_data_path("test")), "test")[0]
         summary["test"] = evaluate(eval_step, params, test_data, tc.batch_size * 4)
+    summary["wall_time_s"] = round(time.time() - started, 1)  # training and the final evaluation
     if primary:
         (out / rundir.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     checkpoints.close()
