@@ -37,10 +37,14 @@ def _layer_norm(config: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 def _dropout(x, rate: float, deterministic: bool, rngs: nnx.Rngs | None):
     if deterministic or rate == 0.0:
         return x
+    return _dropout_key(x, rate, _next_dropout_key(rngs))
+
+
+def _next_dropout_key(rngs: nnx.Rngs | None):
     if rngs is None:
         raise ValueError("dropout is on (deterministic=False) but no rngs were given: "
                          "call model(ids, deterministic=False, rngs=nnx.Rngs(dropout=seed))")
-    return _dropout_key(x, rate, rngs.dropout())
+    return rngs.dropout()
 
 
 def _dropout_key(x, rate: float, key):
@@ -181,10 +185,7 @@ def _has_dropout(config: ModelConfig) -> bool:
 def _layer_key(config: ModelConfig, deterministic: bool, rngs: nnx.Rngs | None):
     if deterministic or not _has_dropout(config):
         return None
-    if rngs is None:
-        raise ValueError("dropout is on (deterministic=False) but no rngs were given: "
-                         "call model(ids, deterministic=False, rngs=nnx.Rngs(dropout=seed))")
-    return rngs.dropout()
+    return _next_dropout_key(rngs)
 
 
 # Execution strategy (not part of the config: the function computed is the same). Module-level
