@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 ACTIVATIONS = ("gelu", "gelu_tanh")  # exact erf (the seed's nn.GELU) | tanh (HF GPT-2)
 DTYPES = ("float32", "bfloat16")
+ATTENTIONS = ("auto", "blocked", "sdpa")
+REMATS = ("auto", "none", "attention", "block")
+SCAN_LAYERS = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,12 @@ class ModelConfig:
     activation: str = "gelu"
     layer_norm_eps: float = 1e-5
     dtype: str = "float32"  # matmul compute dtype; params, LayerNorm, softmax, head stay float32
+    # Execution plan: how the same function is computed (jaxrm/model.py, benchmarks/NOTES.md).
+    attention: str = "auto"     # auto (blocked on CPU, sdpa elsewhere) | blocked | sdpa (jax.nn.dot_product_attention)
+    attention_block: int = 64   # query rows per block of the blocked causal attention; 0 = one block
+    remat: str = "auto"         # auto | none | attention | block: what the backward pass recomputes
+    scan_layers: str = "auto"   # auto | on | off: lax.scan over the blocks (auto: on when remat is)
+    remat_budget: float = 0.15  # auto remat when stored activations would exceed this fraction of RAM
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "block_size", "num_heads", "dff", "num_layer"):
@@ -45,6 +54,13 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"ModelConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name, choices in (("attention", ATTENTIONS), ("remat", REMATS), ("scan_layers", SCAN_LAYERS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"ModelConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if not isinstance(self.attention_block, int) or isinstance(self.attention_block, bool) or self.attention_block < 0:
+            raise ValueError(f"ModelConfig.attention_block must be an int >= 0, got {self.attention_block!r}")
+        if not 0.0 < self.remat_budget <= 1.0:
+            raise ValueError(f"ModelConfig.remat_budget must be in (0, 1], got {self.remat_budget!r}")
 
     @property
     def pad_id(self) -> int:
@@ -60,6 +76,9 @@ class ModelConfig:
         names = ("vocab_size", "d_model", "block_size", "embed_pdrop", "num_heads", "dff",
                  "attn_pdrop", "resid_pdrop", "dropout", "num_layer")
         return {name: getattr(self, name) for name in names}
+
+    PLAN_FIELDS = ("attention", "attention_block", "remat", "scan_layers", "remat_budget")
+    """Fields that change how, not what, the model computes: a run may resume with other values."""
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -47,14 +47,34 @@ def _next_dropout_key(rngs: nnx.Rngs | None):
     return rngs.dropout()
 
 
+def _fmix32(h):
+    """MurmurHash3's 32-bit finalizer: a bijection of uint32 with full avalanche."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def dropout_bits(key, shape) -> jax.Array:
+    """Uniform uint32 draws for dropout masks: a counter (each element's flat index) hashed twice,
+    keyed by two words drawn from `key` with threefry. On XLA:CPU this is ~7x cheaper than
+    jax.random.bits over the whole shape (benchmarks/NOTES.md); the words are uniform, independent
+    of position and of other keys for the purposes of dropout (this is not a cryptographic PRNG).
+    Being a function of the element index, the draws do not depend on how the array is sharded."""
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    counter = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    return _fmix32(_fmix32(counter ^ seed[0]) ^ seed[1])
+
+
 def _dropout_key(x, rate: float, key):
-    """Inverted dropout from 16-bit random draws: half the threefry work of a float32 uniform.
-    The drop probability is round(rate * 2**16) / 2**16 and the scale is its exact inverse."""
+    """Inverted dropout: drop where the uint32 draw < round(rate * 2**32); scale by the exact
+    inverse of the resulting keep rate."""
     if key is None or rate == 0.0:
         return x
-    threshold = int(round(rate * 65536))
-    keep = jax.random.bits(key, x.shape, jnp.uint16) >= threshold
-    scale = 65536.0 / (65536 - threshold)
+    threshold = int(round(rate * 2**32))
+    keep = dropout_bits(key, x.shape) >= jnp.uint32(threshold)
+    scale = 2**32 / (2**32 - threshold)
     return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros_like(x))
 
 
@@ -75,33 +95,41 @@ def _linear_fn(x, p, dtype):
     return y + p["bias"].astype(dtype)
 
 
-ATTENTION = os.environ.get("JAXRM_ATTENTION", "auto")
-"""auto | einsum | sdpa. "einsum": the explicit formulation below (on XLA:CPU, jax 0.10.2,
-GPT-2 layer shape, jax.nn.dot_product_attention measured 1.13x slower; see benchmarks/NOTES.md). "sdpa":
-jax.nn.dot_product_attention, which picks cuDNN flash attention on GPUs. auto = einsum on CPU,
-sdpa elsewhere; attention dropout always uses einsum (SDPA has no dropout)."""
-
-
-def _use_sdpa(key) -> bool:
-    if key is not None:
+def _use_sdpa(cfg: ModelConfig, key) -> bool:
+    """jax.nn.dot_product_attention (cuDNN flash attention on GPUs) when asked for, or by default
+    off CPU; never with attention dropout, which it does not have."""
+    if key is not None and cfg.attn_pdrop:
         return False
-    if ATTENTION == "auto":
+    if cfg.attention == "auto":
         return jax.default_backend() != "cpu"
-    return ATTENTION == "sdpa"
+    return cfg.attention == "sdpa"
 
 
-def _attention_probs_fn(q, k, v, key, rate: float):
-    """Causal softmax(q k^T / sqrt(d)) v for q, k, v (B, T, nh, hs); returns (B, T, nh, hs)."""
-    if _use_sdpa(key):
+def _attention_fn(q, k, v, key, cfg: ModelConfig):
+    """Causal softmax(q k^T / sqrt(d)) v for q, k, v (B, T, nh, hs); returns (B, T, nh, hs).
+
+    Blocked: queries go in blocks of `cfg.attention_block` rows, and block [s, e) only meets keys
+    [0, e), so the masked part above the diagonal blocks is never computed (at T=512 and blocks of
+    64, 56% of the full T x T work). Each block's softmax is over all the keys it can see, so this
+    is the plain formula, not an online-softmax approximation. Dropout on the probabilities draws
+    one mask per block from fold_in(key, block index).
+    """
+    if _use_sdpa(cfg, key):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True).astype(v.dtype)
-    T, hs = q.shape[1], q.shape[-1]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # (B, nh, T, T)
-    scores = scores * (1.0 / math.sqrt(hs))
-    causal = jnp.tril(jnp.ones((T, T), dtype=bool))
-    scores = jnp.where(causal, scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)  # float32
-    probs = _dropout_key(probs, rate, key)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)  # (B, T, nh, hs)
+    B, T, nh, hs = q.shape
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, nh, T, hs)
+    block = cfg.attention_block or T
+    outputs = []
+    for i, start in enumerate(range(0, T, block)):
+        end = min(start + block, T)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, start:end], k[:, :, :end],
+                            preferred_element_type=jnp.float32)  # (B, nh, end - start, end)
+        scores = scores * (1.0 / math.sqrt(hs))
+        causal = np.arange(start, end)[:, None] >= np.arange(end)[None, :]
+        probs = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)  # float32
+        probs = _dropout_key(probs, cfg.attn_pdrop, None if key is None else jax.random.fold_in(key, i))
+        outputs.append(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v[:, :, :end]))  # (B, nh, e - s, hs)
+    return jnp.concatenate(outputs, axis=2).transpose(0, 2, 1, 3)  # (B, T, nh, hs)
 
 
 def _mha_fn(x, p, cfg: ModelConfig, keys, remat: bool):
@@ -110,10 +138,10 @@ def _mha_fn(x, p, cfg: ModelConfig, keys, remat: bool):
     qkv = _linear_fn(x, p["c_attn"], dtype)
     qkv = checkpoint_name(qkv, "qkv").reshape(B, T, 3, cfg.num_heads, cfg.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    attend = _attention_probs_fn
+    attend = _attention_fn
     if remat:  # keep q, k, v for the backward pass, recompute the (B, nh, T, T) scores and probs
-        attend = jax.checkpoint(_attention_probs_fn, static_argnums=(4,))
-    y = attend(q, k, v, None if keys is None else keys[0], cfg.attn_pdrop).reshape(B, T, C)
+        attend = jax.checkpoint(_attention_fn, static_argnums=(4,))
+    y = attend(q, k, v, None if keys is None else keys[0], cfg).reshape(B, T, C)  # (B, T, C)
     y = checkpoint_name(y, "attn_y")
     y = _linear_fn(y, p["c_proj"], dtype)
     return _dropout_key(y, cfg.resid_pdrop, None if keys is None else keys[1])
@@ -188,20 +216,14 @@ def _layer_key(config: ModelConfig, deterministic: bool, rngs: nnx.Rngs | None):
     return _next_dropout_key(rngs)
 
 
-# Execution strategy (not part of the config: the function computed is the same). Module-level
-# settings, overridable with environment variables; measurements in benchmarks/NOTES.md.
-# "auto" (default): when the activations a train step would store are small against the machine's
-# RAM, run the blocks unrolled and store everything (fastest on CPU, ~15% over the alternative);
-# when they are large (GPT-2 at T=512: ~10 GB), scan over the layers and recompute inside each
-# block (2.6x less memory). Remat only takes effect under lax.scan on XLA:CPU, hence the pairing.
-REMAT = os.environ.get("JAXRM_REMAT", "auto")
-"""auto | none | attention | block. "block": save only qkv, the attention output, the mid-block
-residual and the MLP pre-activation per layer (LayerNorms, attention probs, GELU and dropout
-masks are recomputed in the backward pass); "attention": recompute only the attention probs."""
-SCAN_LAYERS = os.environ.get("JAXRM_SCAN_LAYERS", "auto")
-"""auto | 1 | 0: lax.scan over the blocks (their params stacked on the fly) or a Python loop."""
-REMAT_BUDGET = float(os.environ.get("JAXRM_REMAT_BUDGET", "0.15"))
-"""auto: recompute when the estimated stored activations exceed this fraction of physical RAM."""
+# Execution plan (ModelConfig.remat / scan_layers / remat_budget: the function computed is the
+# same; measurements in benchmarks/NOTES.md). "auto" (default): when the activations a train step
+# would store are small against the machine's RAM, run the blocks unrolled and store everything
+# (fastest on CPU); when they are large (GPT-2 at T=512: ~10 GB), scan over the layers and
+# recompute inside each block (2.6x less memory). Remat only takes effect under lax.scan on
+# XLA:CPU, hence the pairing. remat="block" saves only qkv, the attention output, the mid-block
+# residual and the MLP pre-activation per layer (LayerNorms, attention probs, GELU and dropout
+# masks are recomputed in the backward pass); "attention" recomputes only the attention probs.
 
 
 def _physical_memory() -> float:
@@ -219,16 +241,13 @@ def stored_activation_bytes(cfg: ModelConfig, B: int, T: int) -> float:
 
 
 def execution_plan(cfg: ModelConfig, B: int, T: int) -> tuple[bool, str]:
-    """(scan_layers, remat) for a (B, T) input under the module settings."""
-    remat, scan = REMAT, SCAN_LAYERS
+    """(scan_layers, remat) for a (B, T) input under the config's plan fields."""
+    remat = cfg.remat
     if remat == "auto":
-        big = stored_activation_bytes(cfg, B, T) > REMAT_BUDGET * _physical_memory()
+        big = stored_activation_bytes(cfg, B, T) > cfg.remat_budget * _physical_memory()
         remat = "block" if big else "none"
-    if scan == "auto":
-        scan = remat != "none"
-    elif isinstance(scan, str):
-        scan = scan not in ("0", "false", "no")
-    return bool(scan) and cfg.num_layer > 1, remat
+    scan = remat != "none" if cfg.scan_layers == "auto" else cfg.scan_layers == "on"
+    return scan and cfg.num_layer > 1, remat
 
 
 _BLOCK_POLICY = jax.checkpoint_policies.save_only_these_names("qkv", "attn_y", "x_mid", "fc_h")

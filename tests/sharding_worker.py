@@ -22,9 +22,9 @@ from jaxrm.config import ModelConfig, TrainConfig  # noqa: E402
 from jaxrm.data import BatchIterator, EncodedPairs  # noqa: E402
 from jaxrm.train import abstract_train_state, init_train_state, make_train_step  # noqa: E402
 
-# the tests' tiny byte-vocab model, dropout off (see make_train_step's note on dropout)
+# the tests' tiny byte-vocab model, dropout on: a mesh must draw the same masks as one device
 MODEL = ModelConfig(vocab_size=257, d_model=32, block_size=32, num_heads=4, dff=64, num_layer=2,
-                    embed_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, dropout=0.0)
+                    embed_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1, dropout=0.1, attention_block=8)
 TRAIN = TrainConfig(batch_size=16, max_steps=10, warmup_steps=2, learning_rate=3e-3, min_lr=3e-4)
 STEPS = 10
 

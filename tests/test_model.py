@@ -46,6 +46,22 @@ def test_dropout_is_seeded_and_off_by_default(jax_device):
         model(ids, deterministic=False)
 
 
+def test_dropout_draws_are_uniform_unbiased_and_keyed():
+    from jaxrm.model import _dropout_key, dropout_bits
+    key = jax.random.key(5)
+    bits = np.asarray(dropout_bits(key, (64, 1024)))
+    for b in (0, 8, 16, 31):  # every bit is a fair coin
+        assert abs(((bits >> b) & 1).mean() - 0.5) < 0.01
+    neighbours = np.corrcoef(bits[:, :-1].ravel().astype(np.float64), bits[:, 1:].ravel().astype(np.float64))[0, 1]
+    assert abs(neighbours) < 0.01
+    other = np.asarray(dropout_bits(jax.random.key(6), (64, 1024)))
+    assert (bits == other).mean() < 0.001
+    kept = np.asarray(_dropout_key(jnp.ones((256, 1024)), 0.1, key))
+    assert abs((kept > 0).mean() - 0.9) < 0.003
+    assert abs(kept.mean() - 1.0) < 0.005   # inverted dropout keeps the expectation
+    assert set(np.unique(kept)) == {0.0, np.float32(1 / 0.9)}
+
+
 def test_bfloat16_matmuls_keep_float32_params_and_rewards():
     model = RewardModel(CONFIG.replace(dtype="bfloat16"), rngs=nnx.Rngs(3))
     full = RewardModel(CONFIG, rngs=nnx.Rngs(3))

@@ -1,4 +1,6 @@
-"""The model's execution strategies (layer scan, recomputation) compute the same function."""
+"""The model's execution plans (layer scan, recomputation, attention formulation) compute the same function."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,35 +10,65 @@ from flax import nnx
 import jaxrm.model as M
 from jaxrm import ModelConfig, RewardModel, pairwise_loss
 
-CONFIG = ModelConfig(vocab_size=97, d_model=32, block_size=16, num_heads=4, dff=64, num_layer=3)
-PLANS = [("0", "none"), ("1", "none"), ("1", "attention"), ("1", "block"), ("0", "block")]
+CONFIG = ModelConfig(vocab_size=97, d_model=32, block_size=16, num_heads=4, dff=64, num_layer=2, attention_block=4)
+PLANS = [("off", "none"), ("on", "none"), ("on", "attention"), ("on", "block"), ("off", "block")]
 
 
-def run(plan, dropout_seed=None, monkeypatch=None):
-    monkeypatch.setattr(M, "SCAN_LAYERS", plan[0])
-    monkeypatch.setattr(M, "REMAT", plan[1])
-    model = RewardModel(CONFIG, rngs=nnx.Rngs(0))
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.vocab_size - 1, size=(4, 12)), jnp.int32)
+@functools.lru_cache(maxsize=None)
+def run(config, dropout_seed=None):
+    model = RewardModel(config, rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size - 1, size=(4, 12)), jnp.int32)
     graphdef, params = nnx.split(model, nnx.Param)
 
     def loss(p):
         det = dropout_seed is None
         rewards = nnx.merge(graphdef, p)(ids, deterministic=det, rngs=None if det else nnx.Rngs(dropout=dropout_seed))
-        return pairwise_loss(rewards, ids, CONFIG.pad_id).loss, rewards
+        return pairwise_loss(rewards, ids, config.pad_id).loss, rewards
 
     (value, rewards), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return np.asarray(rewards), float(value), [np.asarray(g) for g in jax.tree.leaves(grads)]
 
 
-@pytest.mark.parametrize("dropout_seed", [None, 3])
-@pytest.mark.parametrize("plan", PLANS[1:], ids=lambda p: f"scan{p[0]}-{p[1]}")
-def test_plans_agree(plan, dropout_seed, monkeypatch):
-    ref = run(PLANS[0], dropout_seed, monkeypatch)
-    got = run(plan, dropout_seed, monkeypatch)
+def assert_same(got, ref):
     np.testing.assert_allclose(got[0], ref[0], atol=1e-5)
     np.testing.assert_allclose(got[1], ref[1], atol=1e-6)
     for g, r in zip(got[2], ref[2]):
         np.testing.assert_allclose(g, r, atol=1e-5)
+
+
+@pytest.mark.parametrize("dropout_seed", [None, 3])
+@pytest.mark.parametrize("plan", PLANS[1:], ids=lambda p: f"scan_{p[0]}-{p[1]}")
+def test_plans_agree(plan, dropout_seed):
+    ref = run(CONFIG.replace(scan_layers=PLANS[0][0], remat=PLANS[0][1]), dropout_seed)
+    got = run(CONFIG.replace(scan_layers=plan[0], remat=plan[1]), dropout_seed)
+    assert_same(got, ref)
+
+
+def test_dropout_changes_the_function():  # so that test_plans_agree's dropout case can fail
+    assert not np.allclose(run(CONFIG, 3)[0], run(CONFIG, None)[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("block", [1, 5, 64])
+def test_attention_blocks_agree_with_one_block(block):
+    """Query blocks of any size (dividing T=12 or not) give the full-matrix attention."""
+    assert_same(run(CONFIG.replace(attention="blocked", attention_block=block)),
+                run(CONFIG.replace(attention="blocked", attention_block=0)))
+
+
+def test_sdpa_attention_matches_blocked():
+    assert_same(run(CONFIG.replace(attention="sdpa")), run(CONFIG.replace(attention="blocked")))
+
+
+def test_blocked_attention_is_causal_softmax():
+    """Against a plain numpy causal attention, at a T that the blocks do not divide."""
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, 11, 3, 8)).astype(np.float32) for _ in range(3))
+    got = np.asarray(M._attention_fn(q, k, v, None, CONFIG.replace(attention="blocked", attention_block=4)))
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
+    scores = np.where(np.tril(np.ones((11, 11), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    np.testing.assert_allclose(got, np.einsum("bhqk,bkhd->bqhd", probs, v), atol=1e-5)
 
 
 def test_auto_plan_recomputes_only_when_large():
@@ -45,13 +77,12 @@ def test_auto_plan_recomputes_only_when_large():
     big = M.stored_activation_bytes(gpt2, 64, 1024)
     assert big > 0.15 * M._physical_memory()
     assert M.execution_plan(gpt2, 64, 1024) == (True, "block")
+    assert M.execution_plan(gpt2.replace(remat="none"), 64, 1024) == (False, "none")
+    assert M.execution_plan(gpt2.replace(remat="none", scan_layers="on"), 64, 1024) == (True, "none")
 
 
-def test_sdpa_attention_matches_einsum(monkeypatch):
-    monkeypatch.setattr(M, "ATTENTION", "einsum")
-    ref = run(PLANS[0], None, monkeypatch)
-    monkeypatch.setattr(M, "ATTENTION", "sdpa")
-    got = run(PLANS[0], None, monkeypatch)
-    np.testing.assert_allclose(got[0], ref[0], atol=1e-5)
-    for g, r in zip(got[2], ref[2]):
-        np.testing.assert_allclose(g, r, atol=1e-5)
+def test_bad_plan_values_are_named():
+    with pytest.raises(ValueError, match="remat"):
+        ModelConfig(remat="sometimes")
+    with pytest.raises(ValueError, match="attention_block"):
+        ModelConfig(attention_block=-1)
