@@ -152,7 +152,7 @@ def cmd_lint(args, extra) -> int:
     vocab_size = args.vocab_size or tokenizer.vocab_size
     against = load_pairs(args.against, Columns(**columns)) if args.against else None
     report = lint_pairs(load_pairs(args.data, Columns(**columns)), tokenizer, seq_len=args.seq_len,
-                        vocab_size=vocab_size, source=args.data, against=against)
+                        vocab_size=vocab_size, source=args.data, against=against, lengths=args.lengths)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 1 if report["errors"] else 0
 
@@ -189,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a reward model (resumes if --out has checkpoints)")
     p.add_argument("--preset", help="base (default, ~10 min on 2 CPU cores) | tiny | small | gpt2")
-    p.add_argument("--data", help="preference pairs: .jsonl, .json, .csv or .parquet (see README, Data formats; "
-                                  "default: bundled VADER pairs)")
+    p.add_argument("--data", help="preference pairs: .jsonl, .json, .csv or .parquet, or a saved HF datasets "
+                                  "DIR[:SPLIT] (see README, Data formats; default: bundled VADER pairs)")
     p.add_argument("--init", help="initial weights: run dir, transformers GPT-2 dir, nanoGPT ckpt.pt, "
                                   "or .safetensors/.pt state_dict (torchref keys)")
     p.add_argument("--out", help="run directory (default runs/PRESET)")
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train, extra_ok=True)
     p = sub.add_parser("eval", help="pairwise accuracy, loss and reward statistics of a trained run")
     p.add_argument("run_dir")
-    p.add_argument("--data", help="a JSON Lines pair file instead of a bundled split")
+    p.add_argument("--data", help="a pair file (or saved HF datasets DIR[:SPLIT]) instead of a bundled split")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "default: the tokenizer's")
     p.add_argument("--against", help="another pair file (e.g. the test split): report texts found in both")
     p.add_argument("--column", action="append", help="column name, e.g. --column chosen=good (repeatable)")
+    p.add_argument("--lengths", default="first_pad", choices=["first_pad", "explicit"],
+                   help="as train's --lengths: with explicit, a PAD / end-of-text id inside a text is not an error")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_lint)
     p = sub.add_parser("convert", help="export a run's weights as a torchref state_dict (.safetensors)")

@@ -101,6 +101,7 @@ def model_preset(name: str) -> ModelConfig:
 
 
 NONFINITE_POLICIES = ("stop", "skip")
+LENGTHS = ("first_pad", "explicit")  # TrainConfig.lengths: where a sequence ends
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,8 @@ class TrainConfig:
     rejected_ids_key: str = "input_ids_rejected"
     seq_len: int = 0                   # padded length T; 0 = block_size
     truncation: str = "drop"           # over-long pairs: drop | error | left (cut the shared prompt from the left)
+    lengths: str = "first_pad"         # sequence ends: first_pad (the original: the first PAD ends a sequence) |
+                                       # explicit (each row's true length; a PAD / end-of-text id may be in the text)
     group_by_length: int = 0           # >0: batches of similar-length pairs, sorted within windows of this many batches
     pad_multiple: int = 0              # >0: trim each batch's padding to its longest pair, rounded up to this
     # run
@@ -167,6 +170,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
         if self.truncation not in ("drop", "error", "left"):
             raise ValueError(f"TrainConfig.truncation must be 'drop', 'error' or 'left', got {self.truncation!r}")
+        if self.lengths not in LENGTHS:
+            raise ValueError(f"TrainConfig.lengths must be one of {LENGTHS}, got {self.lengths!r}")
         if not 0 <= self.min_lr <= self.learning_rate:
             raise ValueError(f"TrainConfig.min_lr={self.min_lr} must be in [0, learning_rate={self.learning_rate}]")
 

@@ -1,6 +1,7 @@
 """Preference files -> validated, tokenized, padded numpy batches (numpy only, no jax).
 
-File formats (jaxrm/formats.py): JSON Lines (plain or .gz), JSON, CSV, Parquet; e.g. one pair per line:
+File formats (jaxrm/formats.py): JSON Lines (plain or .gz), JSON, CSV, Parquet, saved HF datasets
+directories; e.g. one pair per line:
     {"prompt": "...", "chosen": "...", "rejected": "...", "margin": 1.5}
 "prompt" and "margin" are optional. A sequence is tokenizer.encode(prompt + answer),
 right-padded with pad_id to seq_len. Batches use the original's layout: input_ids [2B, T] with
@@ -45,8 +46,9 @@ def bundled_data_path(split: str) -> pathlib.Path:
 # loading
 
 def load_pairs(path, columns=None) -> list[PreferencePair]:
-    """Pairs from a JSON Lines / JSON / CSV / Parquet file (by name; see jaxrm/formats.py for the
-    row layouts: explicit or implicit prompt, chat messages, pre-tokenized ids, margins).
+    """Pairs from a JSON Lines / JSON / CSV / Parquet file (by name), or a saved Hugging Face
+    `datasets` directory ("DIR", or "DIR:SPLIT" for a DatasetDict); see jaxrm/formats.py for the
+    row layouts: explicit or implicit prompt, chat messages, pre-tokenized ids, margins.
     `columns`: a jaxrm.formats.Columns with other column names."""
     from jaxrm.formats import read_pairs
     return read_pairs(path, columns)
@@ -73,6 +75,7 @@ def _where(source: str, i: int, pair) -> str:
 
 
 TRUNCATIONS = ("drop", "error", "left")
+LENGTHS = ("first_pad", "explicit")  # where a sequence ends (jaxrm.config.TrainConfig.lengths)
 
 
 def _shared_prefix(a, b) -> int:
@@ -85,13 +88,21 @@ def _shared_prefix(a, b) -> int:
 
 
 def encode_pairs(pairs, tokenizer, *, seq_len: int, pad_id: int, vocab_size: int,
-                 truncation: str = "drop", source: str = "<pairs>") -> tuple[EncodedPairs, dict]:
+                 truncation: str = "drop", source: str = "<pairs>",
+                 lengths: str = "first_pad") -> tuple[EncodedPairs, dict]:
     """Tokenize, check and pad pairs. Pairs longer than seq_len: truncation="drop" skips them,
     "error" raises, "left" cuts tokens from the left of the shared prefix (the prompt) of both
     sequences, keeping the answers and at least one shared token; a pair whose answers alone do not
-    fit is dropped. No truncation ever makes a pair identical (identical pairs are dropped)."""
+    fit is dropped. No truncation ever makes a pair identical (identical pairs are dropped).
+
+    lengths="first_pad" (the original): the first PAD ends a sequence, so a PAD id inside a text
+    is an error. lengths="explicit": the batches' "lengths" end the sequences (TrainConfig.lengths),
+    so a PAD / end-of-text id inside a text is ordinary data. chosen_lengths / rejected_lengths are
+    the true lengths either way."""
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+    if lengths not in LENGTHS:
+        raise ValueError(f"lengths must be one of {LENGTHS}, got {lengths!r}")
     if seq_len < 1 or not 0 <= pad_id < vocab_size:
         raise ValueError(f"need seq_len >= 1 and 0 <= pad_id < vocab_size, got {seq_len=}, {pad_id=}, {vocab_size=}")
     stats = {"pairs_in": len(pairs), "pairs_kept": 0, "dropped_too_long": 0, "dropped_identical": 0, "max_len": 0}
@@ -110,9 +121,10 @@ def encode_pairs(pairs, tokenizer, *, seq_len: int, pad_id: int, vocab_size: int
                 bad = next(t for t in ids if not 0 <= t < vocab_size)
                 raise DataError(f"{_where(source, i, p)}: {side} has token id {bad} outside [0, {vocab_size}): "
                                 f"the tokenizer's vocabulary is larger than the model's")
-            if pad_id in ids:
+            if pad_id in ids and lengths == "first_pad":
                 raise DataError(f"{_where(source, i, p)}: {side} contains the pad id {pad_id} at token "
-                                f"{ids.index(pad_id)} inside the real text (would end the sequence early)")
+                                f"{ids.index(pad_id)} inside the real text (would end the sequence early; "
+                                f"--lengths=explicit keeps it as text)")
         if c == r:
             stats["dropped_identical"] += 1
             continue

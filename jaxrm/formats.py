@@ -5,6 +5,10 @@ Files, by name:
     *.json, *.json.gz                                     one JSON list of objects
     *.csv, *.csv.gz                                       a header row, then one pair per row
     *.parquet                                             needs pyarrow
+    DIR, DIR:SPLIT                                        a Hugging Face `datasets` directory written by
+        Dataset.save_to_disk (DIR holds dataset_info.json / state.json) or DatasetDict.save_to_disk
+        (DIR holds dataset_dict.json; the split is DIR:SPLIT, or the only one; DIR/SPLIT also works);
+        needs the `datasets` package, imported only then; rows go through the same handling below
 Rows (column names configurable, see Columns / TrainConfig.*_key):
     explicit prompt     {"prompt": "Q: ...", "chosen": " good", "rejected": " bad"}
     implicit prompt     {"chosen": "<dialogue> good", "rejected": "<dialogue> bad"}   (no prompt column)
@@ -237,15 +241,70 @@ def _parquet(path: pathlib.Path, cols: Columns):
 
 READERS = {"jsonl": _jsonl, "json": _json, "csv": _csv, "parquet": _parquet}
 
+# files that save_to_disk writes: Dataset (dataset_info.json, state.json) / DatasetDict (dataset_dict.json)
+DATASET_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
+
+
+def dataset_dir_and_split(path) -> tuple[pathlib.Path, str | None]:
+    """"DIR:SPLIT" -> (DIR, SPLIT) when DIR is a directory and the whole string names nothing;
+    anything else -> (path, None)."""
+    spec = str(path)
+    base, sep, split = spec.rpartition(":")
+    if sep and base and split and not pathlib.Path(spec).exists() and pathlib.Path(base).is_dir():
+        return pathlib.Path(base), split
+    return pathlib.Path(spec), None
+
+
+def _hf_dataset(path: pathlib.Path, split: str | None, cols: Columns):
+    markers = [m for m in DATASET_MARKERS if (path / m).is_file()]
+    if not markers:
+        raise DataError(f"{path}: is a directory, not a pair file; a saved Hugging Face dataset directory holds "
+                        f"dataset_info.json / state.json (Dataset.save_to_disk) or dataset_dict.json "
+                        f"(DatasetDict.save_to_disk)")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: a saved Hugging Face dataset ({markers[0]}); reading it needs the datasets "
+                        f"package (pip install datasets)") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise DataError(f"{path}: cannot load the saved dataset ({type(e).__name__}: {e})") from None
+    where = str(path)
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        if split is None and len(splits) == 1:
+            split = splits[0]
+        if split is None or split not in ds:
+            what = "choose one" if split is None else f"no split {split!r}; choose one"
+            raise DataError(f"{path}: a DatasetDict with splits {', '.join(map(repr, splits))}: {what} as "
+                            f"{path}:SPLIT")
+        ds, where = ds[split], f"{path}:{split}"
+    elif split is not None:
+        raise DataError(f"{path}: a single Dataset (no splits), but split {split!r} was asked for; "
+                        f"use {path} without ':{split}'")
+    _check_columns(where, ds.column_names, cols)
+    row = 0
+    for batch in ds.iter(batch_size=1024):  # dict of columns -> rows
+        for values in zip(*batch.values()):
+            row += 1
+            yield row_to_pair(dict(zip(batch, values)), f"{where}: row {row}", row, cols)
+
 
 def read_pairs(path, cols: Columns | None = None) -> list[PreferencePair]:
-    path = pathlib.Path(path)
-    if not path.is_file():
+    path, split = dataset_dir_and_split(path)
+    if path.is_dir():
+        name = f"{path}:{split}" if split else str(path)
+        reader = lambda: _hf_dataset(path, split, cols or Columns())
+    elif path.is_file():
+        name = str(path)
+        reader = lambda: READERS[file_format(path)](path, cols or Columns())
+    else:
         raise DataError(f"{path}: no such file")
     try:
-        pairs = list(READERS[file_format(path)](path, cols or Columns()))
+        pairs = list(reader())
     except (OSError, EOFError) as e:  # e.g. a truncated or not-really-gzip .gz file
-        raise DataError(f"{path}: cannot read file ({e})") from None
+        raise DataError(f"{name}: cannot read file ({e})") from None
     if not pairs:
-        raise DataError(f"{path}: empty file, no pairs found")
+        raise DataError(f"{name}: empty file, no pairs found")
     return pairs

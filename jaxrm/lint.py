@@ -5,6 +5,7 @@ Each check counts its pairs and keeps the first few locations ("FILE:LINE" / "FI
   identical                     chosen and rejected are the same token sequence (no loss term)
   identical_after_truncation    different, but the same in their first seq_len tokens
   pad_in_text                   the PAD id (vocab_size - 1) inside a sequence: the first PAD ends it
+                                (an error; with lengths="explicit" only a note: lengths end sequences)
   eot_in_text                   the tokenizer's end-of-text id inside a sequence
   out_of_vocab                  token ids >= the model's vocab_size
   divergence_at_0               chosen and rejected differ at token 0 (no shared prompt; the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 ERRORS = ("pad_in_text", "out_of_vocab", "empty_sequence")  # training refuses these
+EXPLICIT_LENGTH_ERRORS = ("out_of_vocab", "empty_sequence")  # ... with lengths="explicit"
 
 
 def _where(source, i, pair) -> str:
@@ -34,7 +36,12 @@ def _ids(pair, tokenizer):
 
 
 def lint_pairs(pairs, tokenizer, *, seq_len: int, vocab_size: int, source: str = "<pairs>",
-               against=None, examples: int = 5) -> dict:
+               against=None, examples: int = 5, lengths: str = "first_pad") -> dict:
+    """lengths: "first_pad" (the first PAD ends a sequence: PAD inside a text is an error) or
+    "explicit" (TrainConfig.lengths="explicit": a PAD / end-of-text id inside a text is reported, not refused)."""
+    if lengths not in ("first_pad", "explicit"):
+        raise ValueError(f"lengths must be 'first_pad' or 'explicit', got {lengths!r}")
+    mode, errors = lengths, (ERRORS if lengths == "first_pad" else EXPLICIT_LENGTH_ERRORS)
     pad_id = vocab_size - 1
     eot_id = getattr(tokenizer, "eot_id", None)
     checks = {name: [] for name in ("too_long", "identical", "identical_after_truncation", "pad_in_text",
@@ -79,25 +86,26 @@ def lint_pairs(pairs, tokenizer, *, seq_len: int, vocab_size: int, source: str =
             checks[flag].append(where)
     lengths = np.array(lengths or [0])
     report = {
-        "source": source, "pairs": len(pairs), "seq_len": seq_len, "vocab_size": vocab_size,
+        "source": source, "pairs": len(pairs), "seq_len": seq_len, "vocab_size": vocab_size, "lengths": mode,
         "tokens_per_pair": {"min": int(lengths.min()), "p50": int(np.percentile(lengths, 50)),
                             "p90": int(np.percentile(lengths, 90)), "p99": int(np.percentile(lengths, 99)),
                             "max": int(lengths.max()), "mean": round(float(lengths.mean()), 2)},
         "checks": {name: {"count": len(found), "first": found[:examples]} for name, found in checks.items()},
     }
-    report["trainable_pairs"] = len(pairs) - len({w for name in ("too_long", "identical", *ERRORS)
+    report["trainable_pairs"] = len(pairs) - len({w for name in ("too_long", "identical", *errors)
                                                   for w in checks[name]})
-    report["errors"] = sum(len(checks[name]) for name in ERRORS)
+    report["error_checks"] = list(errors)
+    report["errors"] = sum(len(checks[name]) for name in errors)
     return report
 
 
 def format_report(report: dict) -> str:
     t = report["tokens_per_pair"]
     lines = [f"{report['source']}: {report['pairs']} pairs, {report['trainable_pairs']} trainable at "
-             f"seq_len {report['seq_len']}",
+             f"seq_len {report['seq_len']}" + (" (explicit lengths)" if report.get("lengths") == "explicit" else ""),
              f"tokens per pair (longer side): min {t['min']}  p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  "
              f"max {t['max']}  mean {t['mean']}"]
     for name, c in report["checks"].items():
-        mark = "ERROR" if name in ERRORS and c["count"] else ("warn" if c["count"] else "ok")
+        mark = "ERROR" if name in report.get("error_checks", ERRORS) and c["count"] else ("warn" if c["count"] else "ok")
         lines.append(f"  {mark:<5} {name:<28} {c['count']:>7}" + (f"   first: {', '.join(c['first'])}" if c["first"] else ""))
     return "\n".join(lines)

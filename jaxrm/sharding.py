@@ -100,9 +100,13 @@ def abstract_with_shardings(abstract_state, mesh: Mesh | None):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
 
 
-def batch_shardings(mesh: Mesh) -> dict:
-    """input_ids as (2, B, T) sharded on B (pairs whole on one device); margins (B,) on B."""
-    return {"input_ids": NamedSharding(mesh, P(None, BATCH_AXES)), "margins": NamedSharding(mesh, P(BATCH_AXES))}
+def batch_shardings(mesh: Mesh, lengths: bool = False) -> dict:
+    """input_ids as (2, B, T) sharded on B (pairs whole on one device); margins (B,) on B;
+    with `lengths` (TrainConfig.lengths="explicit") also lengths as (2, B) sharded on B."""
+    shardings = {"input_ids": NamedSharding(mesh, P(None, BATCH_AXES)), "margins": NamedSharding(mesh, P(BATCH_AXES))}
+    if lengths:
+        shardings["lengths"] = NamedSharding(mesh, P(None, BATCH_AXES))
+    return shardings
 
 
 def process_rows(mesh: Mesh | None, batch_size: int) -> tuple[int, int]:
@@ -124,24 +128,28 @@ def process_rows(mesh: Mesh | None, batch_size: int) -> tuple[int, int]:
     return start, stop
 
 
-def shard_batch(batch: dict, mesh: Mesh | None, batch_size: int) -> dict:
+def shard_batch(batch: dict, mesh: Mesh | None, batch_size: int, lengths: bool = False) -> dict:
     """Host batch -> global jax.Arrays on the mesh.
 
     `batch` holds this process's pairs only (all of them with one process):
-    input_ids (2b, T) chosen then rejected, margins (b,). Returns input_ids (2, B, T) and
-    margins (B,) with B = batch_size, the global batch.
+    input_ids (2b, T) chosen then rejected, margins (b,), and with `lengths` (explicit
+    sequence ends) lengths (2b,). Returns input_ids (2, B, T), margins (B,) and lengths (2, B)
+    with B = batch_size, the global batch; without a mesh the host arrays, unchanged.
     """
-    ids, margins = np.asarray(batch["input_ids"]), np.asarray(batch["margins"])
+    host = {"input_ids": np.asarray(batch["input_ids"]), "margins": np.asarray(batch["margins"])}
+    if lengths:
+        host["lengths"] = np.asarray(batch["lengths"], np.int32)
     if mesh is None:
-        return {"input_ids": ids, "margins": margins}
-    b, T = ids.shape[0] // 2, ids.shape[1]
-    shardings = batch_shardings(mesh)
-    local = ids.reshape(2, b, T)
+        return host
+    b, T = host["input_ids"].shape[0] // 2, host["input_ids"].shape[1]
+    local = {"input_ids": host["input_ids"].reshape(2, b, T), "margins": host["margins"]}
+    shapes = {"input_ids": (2, batch_size, T), "margins": (batch_size,)}
+    if lengths:
+        local["lengths"], shapes["lengths"] = host["lengths"].reshape(2, b), (2, batch_size)
+    shardings = batch_shardings(mesh, lengths)
     if jax.process_count() == 1:
-        return {"input_ids": jax.device_put(local, shardings["input_ids"]),
-                "margins": jax.device_put(margins, shardings["margins"])}
-    return {"input_ids": jax.make_array_from_process_local_data(shardings["input_ids"], local, (2, batch_size, T)),
-            "margins": jax.make_array_from_process_local_data(shardings["margins"], margins, (batch_size,))}
+        return {k: jax.device_put(v, shardings[k]) for k, v in local.items()}
+    return {k: jax.make_array_from_process_local_data(shardings[k], v, shapes[k]) for k, v in local.items()}
 
 
 def initialize_distributed(coordinator: str, num_processes: int, process_id: int, timeout_s: int = 60) -> None:

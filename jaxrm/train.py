@@ -56,9 +56,18 @@ def _has_dropout(config: ModelConfig) -> bool:
     return any((config.embed_pdrop, config.attn_pdrop, config.resid_pdrop, config.dropout))
 
 
-def _loss_options(tc: TrainConfig, margins):
+def _loss_options(tc: TrainConfig, margins, lengths=None):
     return dict(loss_type=tc.loss_type, margins=margins if tc.use_margins else None,
-                center_rewards_coef=tc.center_rewards_coef, normalize_by=tc.normalize_by)
+                center_rewards_coef=tc.center_rewards_coef, normalize_by=tc.normalize_by, lengths=lengths)
+
+
+def _batch_lengths(tc: TrainConfig, batch: dict):
+    """The batch's (2B,) lengths with lengths="explicit"; None (ends at the first PAD) otherwise."""
+    if tc.lengths != "explicit":
+        return None
+    if batch.get("lengths") is None:
+        raise ValueError('lengths="explicit" needs batches with "lengths" ((2B,) int32, chosen rows then rejected)')
+    return batch["lengths"]
 
 
 def _micro_batches(batch: dict, k: int) -> dict:
@@ -67,8 +76,12 @@ def _micro_batches(batch: dict, k: int) -> dict:
     B, T = ids.shape[0] // 2, ids.shape[1]
     chosen = ids[:B].reshape(k, B // k, T)       # (k, B/k, T)
     rejected = ids[B:].reshape(k, B // k, T)     # (k, B/k, T)
-    return {"input_ids": jnp.concatenate([chosen, rejected], axis=1),  # (k, 2B/k, T)
-            "margins": margins.reshape(k, B // k)}                     # (k, B/k)
+    micro = {"input_ids": jnp.concatenate([chosen, rejected], axis=1),  # (k, 2B/k, T)
+             "margins": margins.reshape(k, B // k)}                     # (k, B/k)
+    if batch.get("lengths") is not None:  # (2B,) -> (k, 2B/k), the same rows as input_ids
+        lengths = batch["lengths"]
+        micro["lengths"] = jnp.concatenate([lengths[:B].reshape(k, B // k), lengths[B:].reshape(k, B // k)], axis=1)
+    return micro
 
 
 def pair_metrics(out, valid=None) -> dict:
@@ -85,7 +98,8 @@ def pair_metrics(out, valid=None) -> dict:
 def make_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh=None):
     """jit(train_step)(state, batch) -> (state, metrics), the state donated.
 
-    batch: {"input_ids": (2B, T) int32 chosen rows then rejected rows, "margins": (B,) float32}.
+    batch: {"input_ids": (2B, T) int32 chosen rows then rejected rows, "margins": (B,) float32,
+    and with train_config.lengths="explicit" "lengths": (2B,) int32, each row's number of real tokens}.
     With grad_accum_steps = k the batch is cut into k micro-batches of whole pairs and the
     gradient is the exact full-batch gradient: every micro-batch's loss sum is divided by the
     full batch's denominator. A step whose loss or gradient norm is not finite leaves params and
@@ -93,11 +107,11 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh=N
 
     With a `mesh` (jaxrm.sharding.make_mesh) the state must be placed with
     jaxrm.sharding.shard_state and the batch with jaxrm.sharding.shard_batch (input_ids
-    (2, B, T), sharded on the pair axis). The model then runs on the pairs interleaved
+    (2, B, T) and lengths (2, B), sharded on the pair axis). The model then runs on the pairs interleaved
     (chosen_0, rejected_0, chosen_1, ...) so each device computes whole pairs; rewards are
-    regrouped to chosen-then-rejected for the loss. One device runs the same interleaved layout
-    and dropout masks are a function of each element's index (jaxrm.model.dropout_bits), so a
-    sharded run computes the same function as one device, dropout included.
+    regrouped to chosen-then-rejected for the loss. Dropout masks are drawn for that
+    interleaved layout, so with dropout on a sharded run samples other (equally valid) masks
+    than the single-device one; without dropout both compute the same function.
     """
     tc, pad_id, k = train_config, model_config.pad_id, train_config.grad_accum_steps
     graphdef = model_graphdef(model_config)
@@ -108,19 +122,18 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh=N
         pairs_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shd.BATCH_AXES))
 
     def apply_model(model, ids, key):
-        """The model runs on the pairs interleaved (chosen_0, rejected_0, chosen_1, ...), on one
-        device too, so that a mesh splitting it by pair draws the same dropout masks."""
-        n, T = ids.shape
-        pairs = ids.reshape(2, n // 2, T).swapaxes(0, 1).reshape(n, T)  # (B, 2, T) -> (2B, T) interleaved
-        if mesh is not None:
-            pairs = jax.lax.with_sharding_constraint(pairs, pairs_sharding)
+        if mesh is None:
+            return model(ids, deterministic=not dropout, rngs=nnx.Rngs(dropout=key))
+        n, T = ids.shape  # chosen then rejected -> interleaved pairs, split over devices by pair
+        pairs = jax.lax.with_sharding_constraint(ids.reshape(2, n // 2, T).swapaxes(0, 1).reshape(n, T), pairs_sharding)
         rewards = model(pairs, deterministic=not dropout, rngs=nnx.Rngs(dropout=key))
-        return rewards.reshape(n // 2, 2, T).swapaxes(0, 1).reshape(n, T)  # back to chosen then rejected
+        return rewards.reshape(n // 2, 2, T).swapaxes(0, 1).reshape(n, T)
 
     def objective(params, micro, key, denominator, num_counted):
         model = nnx.merge(graphdef, params)
         rewards = apply_model(model, micro["input_ids"], key)
-        out = pairwise_loss(rewards, micro["input_ids"], pad_id, **_loss_options(tc, micro["margins"]))
+        out = pairwise_loss(rewards, micro["input_ids"], pad_id,
+                            **_loss_options(tc, micro["margins"], _batch_lengths(tc, micro)))
         value = out.per_pair_loss.sum() / denominator
         if tc.center_rewards_coef:
             value = value + tc.center_rewards_coef * out.centered.sum() / num_counted
@@ -129,9 +142,12 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh=N
     def train_step(state: TrainState, batch: dict):
         if batch["input_ids"].ndim == 3:  # sharded layout (2, B, T) -> (2B, T) chosen then rejected
             batch = {**batch, "input_ids": batch["input_ids"].reshape(-1, batch["input_ids"].shape[-1])}
+            if batch.get("lengths") is not None:  # (2, B) -> (2B,)
+                batch["lengths"] = batch["lengths"].reshape(-1)
         ids = batch["input_ids"]
         B = ids.shape[0] // 2
-        num_counted = jnp.maximum((~identical_pairs(ids, pad_id)).sum(), 1).astype(jnp.float32)
+        num_counted = jnp.maximum((~identical_pairs(ids, pad_id, _batch_lengths(tc, batch))).sum(), 1
+                                  ).astype(jnp.float32)
         denominator = jnp.float32(B) if tc.normalize_by == "pairs" else num_counted
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -163,19 +179,21 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh=N
         return jax.jit(train_step, donate_argnums=0)
     state_shardings = shd.state_shardings(abstract_train_state(model_config, train_config), mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(train_step, donate_argnums=0, in_shardings=(state_shardings, shd.batch_shardings(mesh)),
+    batch_shardings = shd.batch_shardings(mesh, lengths=tc.lengths == "explicit")
+    return jax.jit(train_step, donate_argnums=0, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, replicated))
 
 
 def make_eval_step(model_config: ModelConfig, train_config: TrainConfig):
-    """jit(eval_step)(params, batch) -> per-pair end scores, loss terms and identical flags."""
+    """jit(eval_step)(params, batch) -> per-pair end scores, loss terms and identical flags.
+    batch: input_ids (2B, T), margins (B,), lengths (2B,) (used with train_config.lengths="explicit")."""
     graphdef = model_graphdef(model_config)
 
     def eval_step(params, batch):
         model = nnx.merge(graphdef, params)
         rewards = model(batch["input_ids"], deterministic=True)
         out = pairwise_loss(rewards, batch["input_ids"], model_config.pad_id,
-                            **_loss_options(train_config, batch["margins"]))
+                            **_loss_options(train_config, batch["margins"], _batch_lengths(train_config, batch)))
         return {"chosen": out.chosen_end_scores, "rejected": out.rejected_end_scores,
                 "identical": out.identical, "loss": out.per_pair_loss}
 
@@ -188,7 +206,7 @@ def evaluate(eval_step, params, data, batch_size: int, limit: int = 0) -> dict:
     chosen, rejected, identical, losses = [], [], [], []
     seen = 0
     for batch in eval_batches(data, batch_size):
-        out = jax.device_get(eval_step(params, {"input_ids": batch["input_ids"], "margins": batch["margins"]}))
+        out = jax.device_get(eval_step(params, {k: batch[k] for k in ("input_ids", "margins", "lengths")}))
         valid = batch["valid"]
         chosen.append(out["chosen"][valid])
         rejected.append(out["rejected"][valid])
@@ -222,7 +240,7 @@ class Preempted(RuntimeError):
 
 # keys that may change between a run and its resume; any other difference is another run
 RESUMABLE_CHANGES = {"max_steps", "eval_every", "eval_pairs", "checkpoint_every", "keep_checkpoints", "log_every",
-                     "nonfinite", "max_nonfinite_skips", "mesh_data", "mesh_fsdp", *ModelConfig.PLAN_FIELDS}
+                     "nonfinite", "max_nonfinite_skips", "mesh_data", "mesh_fsdp"}
 
 
 def _config_differences(saved: dict, run: RunConfig) -> list[str]:
@@ -245,7 +263,8 @@ def load_split(run: RunConfig, tokenizer, path: str, source: str):
     from jaxrm.formats import Columns
     return encode_pairs(load_pairs(path, Columns.from_train_config(run.train)), tokenizer, seq_len=seq_len,
                         pad_id=run.model.pad_id,
-                        vocab_size=run.model.vocab_size, truncation=run.train.truncation, source=source)
+                        vocab_size=run.model.vocab_size, truncation=run.train.truncation, source=source,
+                        lengths=run.train.lengths)
 
 
 def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None) -> dict:
@@ -359,7 +378,8 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
         step = int(state.step)
         while step < tc.max_steps:
             batch = next(batches)
-            state, metrics = train_step(state, shd.shard_batch(batch, mesh, tc.batch_size))
+            state, metrics = train_step(state, shd.shard_batch(batch, mesh, tc.batch_size,
+                                                               lengths=tc.lengths == "explicit"))
             if pending is not None:
                 consume(pending)  # one step late: the device is already busy with this step
             pending = (step, metrics, batch["input_ids"].size * jax.process_count())
