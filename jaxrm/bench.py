@@ -286,7 +286,7 @@ def prepare_jax(case: Case, batch: dict, mode: str):
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from jaxrm.loss import pairwise_loss
+    from jaxrm.loss import sequence_ends
     from jaxrm.model import RewardModel
 
     import jaxrm.model as jm
@@ -308,9 +308,9 @@ def prepare_jax(case: Case, batch: dict, mode: str):
     graphdef, params = nnx.split(model, nnx.Param)
 
     @jax.jit
-    def score(params, ids):
-        out = pairwise_loss(nnx.merge(graphdef, params)(ids), ids, cfg.pad_id, return_loss=False)
-        return out.chosen_end_scores, out.rejected_end_scores
+    def score(params, ids):  # what jaxrm.score runs: the rewards at each row's last real token
+        scores = nnx.merge(graphdef, params).scores_at(ids, sequence_ends(ids, cfg.pad_id) - 1)  # (2B,)
+        return scores[:case.pairs], scores[case.pairs:]
 
     ids = jbatch["input_ids"]
     return (lambda: jax.block_until_ready(score(params, ids))), plan
@@ -364,6 +364,35 @@ def prepare_torch(case: Case, batch: dict, mode: str, compiled: bool = False):
         sync()
 
     return one, info
+
+
+REMAT_PLANS = (("off", "none"), ("on", "none"), ("on", "attention"), ("on", "block"))
+
+
+def plan_memory(preset: str, pairs: int, T: int, plans=REMAT_PLANS) -> list[dict]:
+    """Train-step memory of each execution plan (layer scan x rematerialization), from XLA's buffer
+    assignment of the compiled step: exact and independent of load. Compiles, never runs, so even
+    plans too large for this machine are reported."""
+    import jax
+    import jax.numpy as jnp
+    from jaxrm.train import TrainConfig, abstract_train_state, make_train_step
+
+    case = Case(preset, preset, pairs, T, "float32")
+    tc = TrainConfig(batch_size=pairs)
+    batch = {"input_ids": jax.ShapeDtypeStruct((2 * pairs, T), jnp.int32),
+             "margins": jax.ShapeDtypeStruct((pairs,), jnp.float32)}
+    rows = []
+    for scan, remat in plans:
+        cfg = model_config(case).replace(scan_layers=scan, remat=remat)
+        t0 = time.perf_counter()
+        compiled = make_train_step(cfg, tc).lower(abstract_train_state(cfg, tc), batch).compile()
+        mem = compiled.memory_analysis()
+        rows.append({"preset": preset, "pairs": pairs, "T": T, "scan_layers": scan, "remat": remat,
+                     "temp_mb": mem.temp_size_in_bytes / 2**20, "argument_mb": mem.argument_size_in_bytes / 2**20,
+                     "compile_s": time.perf_counter() - t0})
+        print(f"# memory {preset} {pairs}x{T} scan={scan} remat={remat}: temp {rows[-1]['temp_mb']:.0f} MB "
+              f"(compile {rows[-1]['compile_s']:.1f}s)", flush=True)
+    return rows
 
 
 def run_case(case: Case, batch: dict, args, peaks: dict, impls: dict) -> dict:
@@ -491,6 +520,13 @@ def markdown(report: dict) -> str:
     lines.append("")
     lines.append("tok/s: median over timed steps after warm-up (min-max in brackets); ratio = jaxrm / torchref; "
                  "first step = compile + one step; peak MB = peak RSS added during the case.")
+    if report.get("plan_memory"):
+        r0 = report["plan_memory"][0]
+        lines += ["", f"Train-step memory by execution plan, {r0['preset']} {r0['pairs']}x{r0['T']} float32 "
+                  "(XLA buffer assignment of the compiled step; params + optimizer state are the arguments):", "",
+                  "| scan_layers | remat | temporaries MB | arguments MB | compile s |", "|---|---|---|---|---|"]
+        lines += [f"| {r['scan_layers']} | {r['remat']} | {_fmt(r['temp_mb'])} | {_fmt(r['argument_mb'])} | "
+                  f"{r['compile_s']:.1f} |" for r in report["plan_memory"]]
     return "\n".join(lines)
 
 
@@ -552,6 +588,8 @@ def parse_args(argv):
     p.add_argument("--modes", nargs="+", default=["train", "score"], choices=["train", "score"])
     p.add_argument("--no-seqlen", dest="seqlen", action="store_false", help="skip T=128..1024 scaling")
     p.add_argument("--no-short", dest="short", action="store_false", help="skip many short pairs (64 x T=64)")
+    p.add_argument("--no-plan-memory", dest="plan_memory", action="store_false",
+                   help="skip the train-step memory of each remat/scan plan (gpt2, compile only)")
     p.add_argument("--no-torch", action="store_true", help="jaxrm only")
     p.add_argument("--torch-compile", action="store_true", help="also torchref with torch.compile'd blocks")
     p.add_argument("--steps", type=int, default=None, help="timed train steps per case")
@@ -562,7 +600,7 @@ def parse_args(argv):
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.seqlen = args.short = False
+        args.seqlen = args.short = args.plan_memory = False
     args.steps = args.steps or (5 if args.quick else 7)
     args.score_steps = args.score_steps or (7 if args.quick else 10)
     args.warmup = 1 if args.warmup is None else args.warmup
@@ -622,8 +660,9 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(args.out, exist_ok=True)  # partial results survive an interrupted run
         with open(os.path.join(args.out, "bench.partial.json"), "w") as f:
             json.dump({"machine": machine, "peaks": peaks, "results": results}, f, indent=1)
+    memory = plan_memory("gpt2", 4, 512) if args.plan_memory and "gpt2" in args.configs else []
     report = {"machine": machine, "peaks": peaks, "args": {k: v for k, v in vars(args).items()},
-              "results": results, "wall_s": time.perf_counter() - t_start}
+              "results": results, "plan_memory": memory, "wall_s": time.perf_counter() - t_start}
     os.makedirs(args.out, exist_ok=True)
     json_path = args.json or os.path.join(args.out, "bench.json")
     if os.path.dirname(json_path):

@@ -272,6 +272,15 @@ class RewardModel(nnx.Module):
 
     def hidden_states(self, input_ids, deterministic: bool = True, rngs: nnx.Rngs | None = None):
         """The final-LayerNorm output (B, T, C): what the reward head reads."""
+        x = self._trunk(input_ids, deterministic, rngs, self.config.num_layer)
+        return _layer_norm_fn(x, _values(self.ln_f), self.config.layer_norm_eps)
+
+    def __call__(self, input_ids, deterministic: bool = True, rngs: nnx.Rngs | None = None):
+        x = self.hidden_states(input_ids, deterministic, rngs)
+        return self.reward_head(x.astype(jnp.float32))[..., 0]  # (B, T) float32
+
+    def _trunk(self, input_ids, deterministic: bool, rngs: nnx.Rngs | None, num_blocks: int):
+        """Embeddings and the first `num_blocks` blocks: the residual stream (B, T, C)."""
         cfg = self.config
         check_input_ids(input_ids, cfg)
         B, T = input_ids.shape
@@ -281,24 +290,54 @@ class RewardModel(nnx.Module):
         x = _dropout(x, cfg.embed_pdrop, deterministic, rngs)
         key = _layer_key(cfg, deterministic, rngs)
         keys = None if key is None else jax.random.split(key, cfg.num_layer)
-        params = [_values(block) for block in self.h]
+        params = [_values(block) for block in self.h][:num_blocks]
         scan, remat = execution_plan(cfg, B, T)
-        if scan:
+        if scan and num_blocks > 1:
             stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params)
 
             def body(x, layer):
                 p, k = layer
                 return _apply_block(x, p, cfg, k, remat, in_scan=True), None
 
-            x, _ = jax.lax.scan(body, x, (stacked, keys))
+            x, _ = jax.lax.scan(body, x, (stacked, None if keys is None else keys[:num_blocks]))
         else:
             for i, p in enumerate(params):
                 x = _apply_block(x, p, cfg, None if keys is None else keys[i], remat, in_scan=False)
-        return _layer_norm_fn(x, _values(self.ln_f), cfg.layer_norm_eps)
+        return x
 
-    def __call__(self, input_ids, deterministic: bool = True, rngs: nnx.Rngs | None = None):
-        x = self.hidden_states(input_ids, deterministic, rngs)
-        return self.reward_head(x.astype(jnp.float32))[..., 0]  # (B, T) float32
+    def scores_at(self, input_ids, positions):
+        """rewards[b, positions[b]] (B,) float32, as __call__ gives them (inference: no dropout).
+
+        For scoring: the last block runs in full only where it is read. Its keys and values are
+        computed at every position, its query, attention output, MLP, ln_f and head at one
+        position per row, which saves most of one layer's work. A position outside [0, T) gives
+        NaN, never a clamped or wrapped read.
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        C, nh, hs, eps, dtype = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.layer_norm_eps, jnp.dtype(cfg.dtype)
+        x = self._trunk(input_ids, True, None, cfg.num_layer - 1)  # (B, T, C)
+        p = _values(self.h[cfg.num_layer - 1])
+        positions = jnp.asarray(positions, jnp.int32)
+        valid = (positions >= 0) & (positions < T)
+        at = jnp.clip(positions, 0, T - 1)[:, None, None]                      # (B, 1, 1)
+        h = _layer_norm_fn(x, p["ln_1"], eps)                                   # (B, T, C)
+        c_attn = p["attn"]["c_attn"]
+        kv = _linear_fn(h, {"kernel": c_attn["kernel"][:, C:], "bias": c_attn["bias"][C:]}, dtype)
+        kv = kv.reshape(B, T, 2, nh, hs)                                        # (B, T, 2, nh, hs)
+        q = _linear_fn(jnp.take_along_axis(h, at, axis=1),
+                       {"kernel": c_attn["kernel"][:, :C], "bias": c_attn["bias"][:C]}, dtype)
+        q = q.reshape(B, 1, nh, hs)                                             # (B, 1, nh, hs)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, kv[:, :, 0], preferred_element_type=jnp.float32)
+        scores = scores * (1.0 / math.sqrt(hs))                                 # (B, nh, 1, T)
+        visible = jnp.arange(T)[None, None, None, :] <= at[:, :, :, None]       # (B, 1, 1, T)
+        probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+        y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), kv[:, :, 1]).reshape(B, 1, C)  # (B, 1, C)
+        x = jnp.take_along_axis(x, at, axis=1) + _linear_fn(y, p["attn"]["c_proj"], dtype)
+        x = x + _mlp_fn(_layer_norm_fn(x, p["ln_2"], eps), p["mlp"], cfg, None)  # (B, 1, C)
+        x = _layer_norm_fn(x, _values(self.ln_f), eps)
+        scores_at = self.reward_head(x.astype(jnp.float32))[:, 0, 0]           # (B,)
+        return jnp.where(valid, scores_at, jnp.nan)
 
 
 def check_input_ids(input_ids, config: ModelConfig) -> None:

@@ -36,7 +36,7 @@ def score_ids(model: RewardModel, run: RunConfig, sequences: list[list[int]], ba
         if min(ids) < 0 or max(ids) >= config.vocab_size or (not explicit and config.pad_id in ids):
             raise ValueError(f"text {i} encodes to an id the model reserves or lacks (pad {config.pad_id}"
                              + ("" if explicit else "; train with --lengths=explicit to allow it inside a text") + ")")
-    forward = nnx.jit(lambda m, ids: m(ids))
+    forward = nnx.jit(lambda m, ids, positions: m.scores_at(ids, positions))  # the last block only where read
     scores = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start:start + batch_size]
@@ -44,6 +44,6 @@ def score_ids(model: RewardModel, run: RunConfig, sequences: list[list[int]], ba
         ids = np.full((len(chunk), T), config.pad_id, np.int32)  # (B, T)
         for row, seq in enumerate(chunk):
             ids[row, :len(seq)] = seq
-        rewards = np.asarray(forward(model, ids))  # (B, T)
-        scores += [float(rewards[row, len(seq) - 1]) for row, seq in enumerate(chunk)]  # the true last token
+        last = np.asarray([len(seq) - 1 for seq in chunk], np.int32)  # (B,) the true last token
+        scores += np.asarray(forward(model, ids, last)).tolist()
     return scores

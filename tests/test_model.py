@@ -117,3 +117,15 @@ def test_too_long_and_malformed_inputs_are_refused():
 def test_config_validation(field, value, message):
     with pytest.raises(ValueError, match=message):
         CONFIG.replace(**{field: value})
+
+
+@pytest.mark.parametrize("config", [CONFIG, CONFIG.replace(num_layer=1), CONFIG.replace(dtype="bfloat16")],
+                         ids=["2-layer", "1-layer", "bf16"])
+def test_scores_at_equals_the_full_forward_at_those_positions(config):
+    model = RewardModel(config, rngs=nnx.Rngs(4))
+    ids = random_ids(4, shape=(5, 12))
+    positions = jnp.asarray([0, 3, 11, -1, 12], jnp.int32)
+    full = np.asarray(model(ids))
+    got = np.asarray(nnx.jit(lambda m, x, p: m.scores_at(x, p))(model, ids, positions))
+    np.testing.assert_allclose(got[:3], full[[0, 1, 2], [0, 3, 11]], atol=1e-5 if config.dtype == "float32" else 2e-2)
+    assert np.isnan(got[3:]).all()  # -1 and T: NaN, never a wrapped or clamped read
