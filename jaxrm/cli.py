@@ -30,6 +30,12 @@ def cmd_train(args, extra) -> int:
 
     preset = args.preset or DEFAULT_RUN_PRESET
     overrides = _split_overrides(extra)
+    for key in ("deterministic", "debug_checks"):  # --deterministic[=BOOL], --debug-checks=MODE
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    if run_preset(preset).override(overrides).train.deterministic:  # XLA_FLAGS: before a JAX backend starts
+        from jaxrm.runtime import use_deterministic_ops
+        use_deterministic_ops()
     if args.coordinator or args.distributed:  # before anything starts a JAX backend
         from jaxrm.sharding import initialize_distributed
         initialize_distributed(args.coordinator or "", args.num_processes, args.process_id, args.init_timeout)
@@ -203,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jax.distributed with cluster auto-detection (SLURM, Open MPI, TPU pods, JAX_* variables)")
     g.add_argument("--init-timeout", type=int, default=300, metavar="SECONDS",
                    help="give up joining the coordinator after this long (default 300)")
+    g = p.add_argument_group("reliability (README: Reliability)")
+    g.add_argument("--deterministic", nargs="?", const="true", metavar="BOOL",
+                   help="bit-reproducible GPU runs: adds --xla_gpu_deterministic_ops=true "
+                        "--xla_gpu_exclude_nondeterministic_ops=true to XLA_FLAGS before JAX starts (slower on "
+                        "GPU; CPU runs are reproducible anyway)")
+    g.add_argument("--debug-checks", choices=["off", "checkify", "nans"],
+                   help="checkify: run each step under jax.experimental.checkify (out-of-range indices, NaNs, "
+                        "division by zero) and stop naming the step; nans: jax_debug_nans. Slower; for debugging")
     p.set_defaults(func=cmd_train, extra_ok=True)
     p = sub.add_parser("eval", help="pairwise accuracy, loss and reward statistics of a trained run")
     p.add_argument("run_dir")

@@ -101,6 +101,7 @@ def model_preset(name: str) -> ModelConfig:
 
 
 NONFINITE_POLICIES = ("stop", "skip")
+DEBUG_CHECKS = ("off", "checkify", "nans")  # TrainConfig.debug_checks (jaxrm/train.py)
 LENGTHS = ("first_pad", "explicit")  # TrainConfig.lengths: where a sequence ends
 
 
@@ -149,6 +150,8 @@ class TrainConfig:
     log_every: int = 10
     nonfinite: str = "stop"            # stop | skip a step whose loss or gradient is NaN/inf
     max_nonfinite_skips: int = 10      # consecutive skips allowed with nonfinite="skip"
+    deterministic: bool = False        # deterministic GPU ops (XLA_FLAGS, jaxrm/runtime.py); CPU is always
+    debug_checks: str = "off"          # off | checkify (index, NaN, division checks) | nans (jax_debug_nans)
     # devices (jaxrm/sharding.py): 1 x 1 = one device, unsharded
     mesh_data: int = 1                 # data parallel: params replicated, batch split
     mesh_fsdp: int = 1                 # fully sharded: params + optimizer state split, batch split
@@ -166,6 +169,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.loss_type must be 'span' or 'last_token', got {self.loss_type!r}")
         if self.normalize_by not in ("pairs", "nonidentical"):
             raise ValueError(f"TrainConfig.normalize_by must be 'pairs' or 'nonidentical', got {self.normalize_by!r}")
+        if self.debug_checks not in DEBUG_CHECKS:
+            raise ValueError(f"TrainConfig.debug_checks must be one of {DEBUG_CHECKS}, got {self.debug_checks!r}")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"TrainConfig.nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
         if self.truncation not in ("drop", "error", "left"):

@@ -113,6 +113,10 @@ def encode_pairs(pairs, tokenizer, *, seq_len: int, pad_id: int, vocab_size: int
         if p.chosen_ids is not None:  # pre-tokenized
             c, r = list(p.chosen_ids), list(p.rejected_ids)
         else:
+            try:  # a lone surrogate ("\\ud800" in JSON) is not text: never encode it (or replace it) silently
+                (p.prompt + p.chosen + p.rejected).encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{_where(source, i, p)}: text is not valid Unicode ({e.reason})") from None
             c, r = tokenizer.encode(p.prompt + p.chosen), tokenizer.encode(p.prompt + p.rejected)
         for side, ids in (("chosen", c), ("rejected", r)):
             if not ids:
@@ -125,6 +129,8 @@ def encode_pairs(pairs, tokenizer, *, seq_len: int, pad_id: int, vocab_size: int
                 raise DataError(f"{_where(source, i, p)}: {side} contains the pad id {pad_id} at token "
                                 f"{ids.index(pad_id)} inside the real text (would end the sequence early; "
                                 f"--lengths=explicit keeps it as text)")
+        if p.margin is not None and not abs(p.margin) <= np.finfo(np.float32).max:  # NaN, inf, float32 overflow
+            raise DataError(f"{_where(source, i, p)}: margin {p.margin} is not a finite float32")
         if c == r:
             stats["dropped_identical"] += 1
             continue

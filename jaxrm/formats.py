@@ -37,6 +37,7 @@ from dataclasses import dataclass, fields
 
 from jaxrm.data import DataError, PreferencePair
 
+FLOAT32_MAX = 3.4028234663852886e38
 ROLE_NAMES = {"user": "Human", "human": "Human", "assistant": "Assistant", "system": "System"}
 CHAT_TEMPLATE = "\n\n{role}: {content}"
 
@@ -87,12 +88,35 @@ def split_common_prefix(a: str, b: str) -> tuple[str, str, str]:
     return a[:n], a[n:], b[n:]
 
 
+def _loads(text: str, where: str, *, one_line: bool = False):
+    """json.loads; every way it can fail (also over-long integers and too deep nesting) is a DataError."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"column {e.colno}" if one_line else f"line {e.lineno}, column {e.colno}"
+        raise DataError(f"{where}: malformed JSON ({e.msg} at {at})") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise DataError(f"{where}: malformed JSON ({e})") from None
+    except RecursionError:
+        raise DataError(f"{where}: malformed JSON (nested too deeply)") from None
+
+
+def _unicode(value: str, where: str, key: str) -> str:
+    """A JSON escape can hold a lone surrogate (\\ud800): not text any tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: {key!r} is not valid Unicode ({e.reason}: {value[e.start]!r} at "
+                        f"character {e.start})") from None
+    return value
+
+
 def _text(obj, key, where, *, required=True):
     value = obj.get(key)
     if isinstance(value, list):
-        return render_chat(value, where, key), True
+        return _unicode(render_chat(value, where, key), where, key), True
     if isinstance(value, str):
-        return value, False
+        return _unicode(value, where, key), False
     if value is None and not required:
         return None, False
     raise DataError(f"{where}: {key!r} must be a string or a list of chat messages, got {type(value).__name__}")
@@ -103,7 +127,7 @@ def _ids(obj, key, where):
     if isinstance(value, str):  # CSV cells hold JSON arrays as text
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # malformed JSON, an over-long integer, too deep nesting
             raise DataError(f"{where}: {key!r} must be a list of token ids, got the text {value[:40]!r}") from None
     if hasattr(value, "tolist"):
         value = value.tolist()
@@ -123,9 +147,16 @@ def _margin(obj, key, where):
             value = float(value)
         except ValueError:
             raise DataError(f"{where}: {key!r} must be a finite number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DataError(f"{where}: {key!r} must be a finite number, got {value!r}")
-    return float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float range
+        value = math.inf
+    if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):  # batches hold margins as float32
+        raise DataError(f"{where}: {key!r} must be a finite number within float32 range "
+                        f"(|margin| <= {FLOAT32_MAX:.4g}), got {str(value)[:40]}")
+    return value
 
 
 def row_to_pair(obj, where: str, row: int, cols: Columns = Columns()) -> PreferencePair:
@@ -187,20 +218,14 @@ def _jsonl(path: pathlib.Path, cols: Columns):
             line = _decode(raw, where)
             if not line.strip():
                 continue  # blank lines are allowed
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            obj = _loads(line, where, one_line=True)
             yield row_to_pair(obj, where, lineno, cols)
 
 
 def _json(path: pathlib.Path, cols: Columns):
     with _open_text(path) as f:
         text = _decode(f.read(), str(path))
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    data = _loads(text, str(path))
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"train": [...]} / {"data": [...]}
     if not isinstance(data, list):
@@ -217,12 +242,24 @@ def _csv(path: pathlib.Path, cols: Columns):
     if reader.fieldnames is None:
         return
     _check_columns(path, reader.fieldnames, cols)
-    for i, obj in enumerate(reader, start=1):
+    for i, obj in enumerate(_csv_rows(reader, path), start=1):
         if None in obj:
             raise DataError(f"{path}: row {i}: more cells than the header's {len(reader.fieldnames)} columns")
         if cols.prompt in obj and obj[cols.prompt] is None:
             obj[cols.prompt] = ""
         yield row_to_pair({k: v for k, v in obj.items() if v is not None}, f"{path}: row {i}", i, cols)
+
+
+def _csv_rows(reader, path):
+    """The reader's rows; csv.Error (e.g. a cell over csv.field_size_limit()) as a DataError naming the line."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{path}: line {reader.line_num}: unreadable CSV ({e}; JSON Lines has no cell "
+                            f"size limit)") from None
 
 
 def _parquet(path: pathlib.Path, cols: Columns):

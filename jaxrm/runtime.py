@@ -10,6 +10,11 @@ LD_PRELOAD=libtcmalloc_minimal.so.4 when the library is installed and not alread
     Debian/Ubuntu: apt-get install -y libtcmalloc-minimal4
     Opt out:       JAXRM_NO_TCMALLOC=1
 
+Deterministic GPU ops (`jaxrm train --deterministic`, TrainConfig.deterministic): XLA reads
+XLA_FLAGS once, when JAX initializes its backend, so `use_deterministic_ops()` must run before
+that; the CLI calls it before anything touches a device, and it warns when it is too late.
+CPU results are bit-reproducible without it (tests/test_determinism.py).
+
 The `jaxrm` CLI and `python -m benchmarks` call `setup()` first thing. Library users who
 import jaxrm in their own program get no re-exec; they can start Python themselves with
 LD_PRELOAD=$(python -c "import jaxrm.runtime as r; print(r.find_tcmalloc() or '')").
@@ -20,6 +25,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import warnings
 
 OPT_OUT_ENV = "JAXRM_NO_TCMALLOC"
 _GUARD_ENV = "_JAXRM_TCMALLOC_REEXEC"  # set in the re-executed child: never loop
@@ -93,6 +99,44 @@ def preload_tcmalloc(argv: list[str] | None = None) -> bool:
     except OSError:
         return False
     return True  # not reached
+
+
+# GPU: deterministic reductions and scatters (slower), and refuse ops that have no deterministic
+# kernel rather than run them non-deterministically. XLA:CPU and TPU ignore them.
+DETERMINISTIC_XLA_FLAGS = ("--xla_gpu_deterministic_ops=true", "--xla_gpu_exclude_nondeterministic_ops=true")
+
+
+def backend_initialized() -> bool:
+    """True when JAX has already started its backend (XLA_FLAGS is read then, and never again)."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # a JAX without this private helper: assume started
+        return True
+
+
+def use_deterministic_ops(environ=None) -> bool:
+    """Add DETERMINISTIC_XLA_FLAGS to XLA_FLAGS (replacing other values of the same flags).
+
+    Returns True when the flags are in place for the backend: set before JAX initialized it, or
+    already there. When the backend has started without them, warns (RuntimeWarning) and returns
+    False: this process keeps its non-deterministic GPU kernels, child processes get the flags.
+    """
+    env = os.environ if environ is None else environ
+    flags = env.get("XLA_FLAGS", "").split()
+    if all(f in flags for f in DETERMINISTIC_XLA_FLAGS):
+        return True
+    names = {f.split("=", 1)[0] for f in DETERMINISTIC_XLA_FLAGS}
+    env["XLA_FLAGS"] = " ".join([f for f in flags if f.split("=", 1)[0] not in names] + list(DETERMINISTIC_XLA_FLAGS))
+    if backend_initialized():
+        warnings.warn("deterministic: JAX had already initialized its backend, so the XLA_FLAGS "
+                      f"{' '.join(DETERMINISTIC_XLA_FLAGS)} do not apply to this process (GPU results may "
+                      "vary run to run). Set them in XLA_FLAGS before JAX starts, or use `jaxrm train "
+                      "--deterministic`, which does.", RuntimeWarning, stacklevel=2)
+        return False
+    return True
 
 
 def release_free_memory() -> None:

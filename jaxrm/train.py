@@ -176,12 +176,51 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh=N
         return new_state, metrics
 
     if mesh is None:
-        return jax.jit(train_step, donate_argnums=0)
+        return _jit_step(train_step, tc)
     state_shardings = shd.state_shardings(abstract_train_state(model_config, train_config), mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_shardings = shd.batch_shardings(mesh, lengths=tc.lengths == "explicit")
-    return jax.jit(train_step, donate_argnums=0, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, replicated))
+    return _jit_step(train_step, tc, in_shardings=(state_shardings, batch_shardings),
+                     out_shardings=(state_shardings, replicated))
+
+
+def _jit_step(train_step, tc: TrainConfig, **shardings):
+    """jit(train_step) with the state donated; with tc.debug_checks, a host-side wrapper around it
+    that raises TrainingError naming the step and the fault (one device sync per step: debugging only).
+
+    checkify: the step runs under jax.experimental.checkify with index (out-of-range gathers, e.g. a
+    token id >= vocab_size, which the model otherwise turns into NaN), NaN, division and user checks.
+    nans: the step runs with jax_debug_nans (no donation: on a NaN JAX re-runs the step op by op).
+    """
+    if tc.debug_checks == "off":
+        return jax.jit(train_step, donate_argnums=0, **shardings)
+    if tc.debug_checks == "nans":
+        step = jax.jit(train_step, **shardings)
+
+        def debug_nans_step(state, batch):
+            number = int(np.asarray(state.step.addressable_shards[0].data)) + 1
+            try:
+                with jax.debug_nans(True):
+                    return step(state, batch)
+            except (FloatingPointError, ValueError) as e:  # ValueError: the op-by-op re-run's input checks
+                raise TrainingError(f"debug_checks=nans: step {number}: {type(e).__name__}: {e}") from None
+        return debug_nans_step
+
+    from jax.experimental import checkify
+    errors = checkify.index_checks | checkify.nan_checks | checkify.div_checks | checkify.user_checks
+    if "out_shardings" in shardings:  # the error value is replicated, like the metrics
+        shardings = {**shardings, "out_shardings": (shardings["out_shardings"][1], shardings["out_shardings"])}
+    step = jax.jit(checkify.checkify(train_step, errors=errors), donate_argnums=0, **shardings)
+
+    def checkified_step(state, batch):
+        err, (new_state, metrics) = step(state, batch)
+        try:
+            err.throw()
+        except checkify.JaxRuntimeError as e:
+            number = int(np.asarray(new_state.step.addressable_shards[0].data))
+            raise TrainingError(f"debug_checks=checkify: step {number}: {str(e).strip()}") from None
+        return new_state, metrics
+    return checkified_step
 
 
 def make_eval_step(model_config: ModelConfig, train_config: TrainConfig):
@@ -240,7 +279,7 @@ class Preempted(RuntimeError):
 
 # keys that may change between a run and its resume; any other difference is another run
 RESUMABLE_CHANGES = {"max_steps", "eval_every", "eval_pairs", "checkpoint_every", "keep_checkpoints", "log_every",
-                     "nonfinite", "max_nonfinite_skips", "mesh_data", "mesh_fsdp"}
+                     "nonfinite", "max_nonfinite_skips", "mesh_data", "mesh_fsdp", "deterministic", "debug_checks"}
 
 
 def _config_differences(saved: dict, run: RunConfig) -> list[str]:
@@ -293,6 +332,10 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
     progress = Progress(tc.max_steps, tc.log_every)
     say = log or (progress.message if primary else (lambda message: None))
 
+    if tc.deterministic:  # the CLI already set it before JAX started; a library caller is warned if too late
+        from jaxrm.runtime import use_deterministic_ops
+        applied = use_deterministic_ops()
+        say(f"deterministic: XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}" + ("" if applied else " (set too late)"))
     tokenizer = get_tokenizer(tc.tokenizer)
     if tokenizer.vocab_size > mc.vocab_size:
         raise ValueError(f"tokenizer {tc.tokenizer!r} has {tokenizer.vocab_size} ids but the model's vocab_size is "
