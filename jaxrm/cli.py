@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     except Preempted as e:
         print(f"\njaxrm: preempted: {e}", file=sys.stderr)
         return 75  # EX_TEMPFAIL: run again to resume
-    except (DataError, CheckpointError, TrainingError, ValueError, FileNotFoundError) as e:
+    except (DataError, CheckpointError, TrainingError, ValueError, OSError) as e:  # OSError: disk full, ...
         print(f"\njaxrm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -33,6 +33,7 @@ import io
 import json
 import math
 import pathlib
+import zlib
 from dataclasses import dataclass, fields
 
 from jaxrm.data import DataError, PreferencePair
@@ -188,8 +189,36 @@ def row_to_pair(obj, where: str, row: int, cols: Columns = Columns()) -> Prefere
 # ----------------------------------------------------------------------------- readers
 
 def _open_text(path: pathlib.Path):
-    raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-    return raw
+    return _Reader(path)
+
+
+class _Reader:
+    """A file's bytes (gunzipped for .gz), by line or whole; a read that fails (a truncated or
+    bit-flipped .gz: zlib error, CRC mismatch, early end) is a DataError naming the line it broke at."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path, self.lines = path, 0
+        self.file = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def __iter__(self):
+        while line := self._read(self.file.readline, f"{self.path}:{self.lines + 1}"):
+            self.lines += 1
+            yield line
+
+    def read(self) -> bytes:
+        return self._read(self.file.read, str(self.path))
+
+    def _read(self, read, where: str) -> bytes:
+        try:
+            return read()
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{where}: cannot read, the file is corrupt or truncated ({e})") from None
 
 
 def _decode(data: bytes, where: str) -> str:

@@ -33,14 +33,22 @@ class Progress:
         print(text, file=self.stream, flush=True)
 
 
+def _record(line: str) -> dict | None:
+    """One metrics line; None for a blank line or one cut short by a crash (SIGKILL mid-write)."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
 class MetricsLog:
     """Appends one JSON object per line; on resume, drops lines past the restored step."""
 
     def __init__(self, path, resume_step: int | None = None):
         self.path = pathlib.Path(path)
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            lines = [(line, _record(line)) for line in self.path.read_text().splitlines()]
+            kept = [line for line, record in lines if record is not None and record.get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None:
             self.path.write_text("")

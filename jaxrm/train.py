@@ -351,7 +351,7 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
     rows = shd.process_rows(mesh, tc.batch_size)          # this process's pairs of each global batch
     batches = BatchIterator(train_data, tc.batch_size, seed=tc.seed, group_by_length=tc.group_by_length,
                             pad_multiple=tc.pad_multiple, rows=None if rows == (0, tc.batch_size) else rows)
-    resume_step = checkpoints.latest_step()
+    resume_step = checkpoints.latest_intact_step(say)  # skips (and reports) incomplete or corrupt steps
     if resume_step is not None:
         saved = checkpoints.read_meta(resume_step)
         differences = _config_differences(saved.get("config", {}), run)
