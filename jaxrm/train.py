@@ -109,9 +109,9 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh=N
     jaxrm.sharding.shard_state and the batch with jaxrm.sharding.shard_batch (input_ids
     (2, B, T) and lengths (2, B), sharded on the pair axis). The model then runs on the pairs interleaved
     (chosen_0, rejected_0, chosen_1, ...) so each device computes whole pairs; rewards are
-    regrouped to chosen-then-rejected for the loss. Dropout masks are drawn for that
-    interleaved layout, so with dropout on a sharded run samples other (equally valid) masks
-    than the single-device one; without dropout both compute the same function.
+    regrouped to chosen-then-rejected for the loss. One device runs the same interleaved layout
+    and dropout masks are a function of each element's index (jaxrm.model.dropout_bits), so a
+    sharded run computes the same function as one device, dropout included.
     """
     tc, pad_id, k = train_config, model_config.pad_id, train_config.grad_accum_steps
     graphdef = model_graphdef(model_config)
@@ -122,12 +122,14 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh=N
         pairs_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(shd.BATCH_AXES))
 
     def apply_model(model, ids, key):
-        if mesh is None:
-            return model(ids, deterministic=not dropout, rngs=nnx.Rngs(dropout=key))
-        n, T = ids.shape  # chosen then rejected -> interleaved pairs, split over devices by pair
-        pairs = jax.lax.with_sharding_constraint(ids.reshape(2, n // 2, T).swapaxes(0, 1).reshape(n, T), pairs_sharding)
+        """The model runs on the pairs interleaved (chosen_0, rejected_0, chosen_1, ...), on one
+        device too, so that a mesh splitting it by pair draws the same dropout masks."""
+        n, T = ids.shape
+        pairs = ids.reshape(2, n // 2, T).swapaxes(0, 1).reshape(n, T)  # (B, 2, T) -> (2B, T) interleaved
+        if mesh is not None:
+            pairs = jax.lax.with_sharding_constraint(pairs, pairs_sharding)
         rewards = model(pairs, deterministic=not dropout, rngs=nnx.Rngs(dropout=key))
-        return rewards.reshape(n // 2, 2, T).swapaxes(0, 1).reshape(n, T)
+        return rewards.reshape(n // 2, 2, T).swapaxes(0, 1).reshape(n, T)  # back to chosen then rejected
 
     def objective(params, micro, key, denominator, num_counted):
         model = nnx.merge(graphdef, params)
@@ -279,7 +281,8 @@ class Preempted(RuntimeError):
 
 # keys that may change between a run and its resume; any other difference is another run
 RESUMABLE_CHANGES = {"max_steps", "eval_every", "eval_pairs", "checkpoint_every", "keep_checkpoints", "log_every",
-                     "nonfinite", "max_nonfinite_skips", "mesh_data", "mesh_fsdp", "deterministic", "debug_checks"}
+                     "nonfinite", "max_nonfinite_skips", "mesh_data", "mesh_fsdp", *ModelConfig.PLAN_FIELDS,
+                     "deterministic", "debug_checks"}
 
 
 def _config_differences(saved: dict, run: RunConfig) -> list[str]:
