@@ -91,8 +91,11 @@ def _layer_norm_fn(x, p, eps):
 
 
 def _linear_fn(x, p, dtype):
-    y = jnp.dot(x.astype(dtype), p["kernel"].astype(dtype))
-    return y + p["bias"].astype(dtype)
+    """x @ kernel + bias with inputs in `dtype`, accumulated and biased in float32, returned in
+    `dtype` (on XLA:CPU a bfloat16 dot with a float32 result runs ~2x faster than one with a
+    bfloat16 result; benchmarks/NOTES.md)."""
+    y = jnp.dot(x.astype(dtype), p["kernel"].astype(dtype), preferred_element_type=jnp.float32)
+    return (y + p["bias"]).astype(dtype)
 
 
 def _use_sdpa(cfg: ModelConfig, key) -> bool:
@@ -128,7 +131,8 @@ def _attention_fn(q, k, v, key, cfg: ModelConfig):
         causal = np.arange(start, end)[:, None] >= np.arange(end)[None, :]
         probs = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)  # float32
         probs = _dropout_key(probs, cfg.attn_pdrop, None if key is None else jax.random.fold_in(key, i))
-        outputs.append(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v[:, :, :end]))  # (B, nh, e - s, hs)
+        outputs.append(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v[:, :, :end],
+                                  preferred_element_type=jnp.float32).astype(v.dtype))  # (B, nh, e - s, hs)
     return jnp.concatenate(outputs, axis=2).transpose(0, 2, 1, 3)  # (B, T, nh, hs)
 
 
@@ -332,7 +336,8 @@ class RewardModel(nnx.Module):
         scores = scores * (1.0 / math.sqrt(hs))                                 # (B, nh, 1, T)
         visible = jnp.arange(T)[None, None, None, :] <= at[:, :, :, None]       # (B, 1, 1, T)
         probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
-        y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), kv[:, :, 1]).reshape(B, 1, C)  # (B, 1, C)
+        y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), kv[:, :, 1], preferred_element_type=jnp.float32)
+        y = y.astype(dtype).reshape(B, 1, C)                                    # (B, 1, C)
         x = jnp.take_along_axis(x, at, axis=1) + _linear_fn(y, p["attn"]["c_proj"], dtype)
         x = x + _mlp_fn(_layer_norm_fn(x, p["ln_2"], eps), p["mlp"], cfg, None)  # (B, 1, C)
         x = _layer_norm_fn(x, _values(self.ln_f), eps)
