@@ -669,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(os.path.dirname(json_path), exist_ok=True)
     with open(json_path, "w") as f:
         json.dump(report, f, indent=1)
+    with contextlib.suppress(FileNotFoundError):  # superseded by the full report
+        os.remove(os.path.join(args.out, "bench.partial.json"))
     md = markdown(report)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(md + "\n")
