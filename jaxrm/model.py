@@ -119,21 +119,26 @@ def _attention_fn(q, k, v, key, cfg: ModelConfig):
     """
     if _use_sdpa(cfg, key):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True).astype(v.dtype)
-    B, T, nh, hs = q.shape
+    T = q.shape[1]
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, nh, T, hs)
     block = cfg.attention_block or T
     outputs = []
     for i, start in enumerate(range(0, T, block)):
         end = min(start + block, T)
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, start:end], k[:, :, :end],
-                            preferred_element_type=jnp.float32)  # (B, nh, end - start, end)
-        scores = scores * (1.0 / math.sqrt(hs))
-        causal = np.arange(start, end)[:, None] >= np.arange(end)[None, :]
-        probs = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)  # float32
-        probs = _dropout_key(probs, cfg.attn_pdrop, None if key is None else jax.random.fold_in(key, i))
-        outputs.append(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v[:, :, :end],
-                                  preferred_element_type=jnp.float32).astype(v.dtype))  # (B, nh, e - s, hs)
+        causal = np.arange(start, end)[:, None] >= np.arange(end)[None, :]  # (end - start, end)
+        outputs.append(_attend(q[:, :, start:end], k[:, :, :end], v[:, :, :end], causal, cfg.attn_pdrop,
+                               None if key is None else jax.random.fold_in(key, i)))  # (B, nh, end - start, hs)
     return jnp.concatenate(outputs, axis=2).transpose(0, 2, 1, 3)  # (B, T, nh, hs)
+
+
+def _attend(q, k, v, visible, rate: float = 0.0, key=None):
+    """softmax(q k^T / sqrt(d), -inf where not visible) v for q (B, nh, Tq, hs), k, v (B, nh, Tk, hs);
+    scores, softmax and accumulation in float32, the result in v's dtype: (B, nh, Tq, hs)."""
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)  # (B, nh, Tq, Tk)
+    scores = scores * (1.0 / math.sqrt(q.shape[-1]))
+    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+    probs = _dropout_key(probs, rate, key)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
 def _mha_fn(x, p, cfg: ModelConfig, keys, remat: bool):
@@ -294,7 +299,7 @@ class RewardModel(nnx.Module):
         x = _dropout(x, cfg.embed_pdrop, deterministic, rngs)
         key = _layer_key(cfg, deterministic, rngs)
         keys = None if key is None else jax.random.split(key, cfg.num_layer)
-        params = [_values(block) for block in self.h][:num_blocks]
+        params = [_values(self.h[i]) for i in range(num_blocks)]
         scan, remat = execution_plan(cfg, B, T)
         if scan and num_blocks > 1:
             stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params)
@@ -328,16 +333,12 @@ class RewardModel(nnx.Module):
         h = _layer_norm_fn(x, p["ln_1"], eps)                                   # (B, T, C)
         c_attn = p["attn"]["c_attn"]
         kv = _linear_fn(h, {"kernel": c_attn["kernel"][:, C:], "bias": c_attn["bias"][C:]}, dtype)
-        kv = kv.reshape(B, T, 2, nh, hs)                                        # (B, T, 2, nh, hs)
+        kv = kv.reshape(B, T, 2, nh, hs).transpose(2, 0, 3, 1, 4)               # (2, B, nh, T, hs)
         q = _linear_fn(jnp.take_along_axis(h, at, axis=1),
                        {"kernel": c_attn["kernel"][:, :C], "bias": c_attn["bias"][:C]}, dtype)
-        q = q.reshape(B, 1, nh, hs)                                             # (B, 1, nh, hs)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, kv[:, :, 0], preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / math.sqrt(hs))                                 # (B, nh, 1, T)
+        q = q.reshape(B, 1, nh, hs).transpose(0, 2, 1, 3)                       # (B, nh, 1, hs)
         visible = jnp.arange(T)[None, None, None, :] <= at[:, :, :, None]       # (B, 1, 1, T)
-        probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
-        y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), kv[:, :, 1], preferred_element_type=jnp.float32)
-        y = y.astype(dtype).reshape(B, 1, C)                                    # (B, 1, C)
+        y = _attend(q, kv[0], kv[1], visible).reshape(B, 1, C)                  # (B, nh, 1, hs) -> (B, 1, C)
         x = jnp.take_along_axis(x, at, axis=1) + _linear_fn(y, p["attn"]["c_proj"], dtype)
         x = x + _mlp_fn(_layer_norm_fn(x, p["ln_2"], eps), p["mlp"], cfg, None)  # (B, 1, C)
         x = _layer_norm_fn(x, _values(self.ln_f), eps)
