@@ -16,6 +16,8 @@ from typing import Iterator
 
 import numpy as np
 
+from jaxrm.config import LENGTHS  # where a sequence ends (TrainConfig.lengths)
+
 SPLITS = ("train", "validation", "test")
 BUNDLED_DIR = pathlib.Path(__file__).resolve().parent / "assets" / "vader_pairs"
 
@@ -75,7 +77,6 @@ def _where(source: str, i: int, pair) -> str:
 
 
 TRUNCATIONS = ("drop", "error", "left")
-LENGTHS = ("first_pad", "explicit")  # where a sequence ends (jaxrm.config.TrainConfig.lengths)
 
 
 def _shared_prefix(a, b) -> int:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxrm.config import LENGTHS
+
 ERRORS = ("pad_in_text", "out_of_vocab", "empty_sequence")  # training refuses these
 EXPLICIT_LENGTH_ERRORS = ("out_of_vocab", "empty_sequence")  # ... with lengths="explicit"
 
@@ -39,8 +41,8 @@ def lint_pairs(pairs, tokenizer, *, seq_len: int, vocab_size: int, source: str =
                against=None, examples: int = 5, lengths: str = "first_pad") -> dict:
     """lengths: "first_pad" (the first PAD ends a sequence: PAD inside a text is an error) or
     "explicit" (TrainConfig.lengths="explicit": a PAD / end-of-text id inside a text is reported, not refused)."""
-    if lengths not in ("first_pad", "explicit"):
-        raise ValueError(f"lengths must be 'first_pad' or 'explicit', got {lengths!r}")
+    if lengths not in LENGTHS:
+        raise ValueError(f"lengths must be one of {LENGTHS}, got {lengths!r}")
     mode, errors = lengths, (ERRORS if lengths == "first_pad" else EXPLICIT_LENGTH_ERRORS)
     pad_id = vocab_size - 1
     eot_id = getattr(tokenizer, "eot_id", None)

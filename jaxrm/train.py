@@ -71,16 +71,18 @@ def _batch_lengths(tc: TrainConfig, batch: dict):
 
 
 def _micro_batches(batch: dict, k: int) -> dict:
-    """(2B, T) chosen-then-rejected -> (k, 2B/k, T), each micro-batch keeping its pairs whole."""
-    ids, margins = batch["input_ids"], batch["margins"]
-    B, T = ids.shape[0] // 2, ids.shape[1]
-    chosen = ids[:B].reshape(k, B // k, T)       # (k, B/k, T)
-    rejected = ids[B:].reshape(k, B // k, T)     # (k, B/k, T)
-    micro = {"input_ids": jnp.concatenate([chosen, rejected], axis=1),  # (k, 2B/k, T)
-             "margins": margins.reshape(k, B // k)}                     # (k, B/k)
-    if batch.get("lengths") is not None:  # (2B,) -> (k, 2B/k), the same rows as input_ids
-        lengths = batch["lengths"]
-        micro["lengths"] = jnp.concatenate([lengths[:B].reshape(k, B // k), lengths[B:].reshape(k, B // k)], axis=1)
+    """Chosen-then-rejected rows (2B, ...) -> (k, 2B/k, ...), each micro-batch keeping its pairs
+    whole (input_ids and lengths); margins (B,) -> (k, B/k)."""
+    B = batch["input_ids"].shape[0] // 2
+
+    def split(rows):  # (2B, ...) -> (k, 2B/k, ...): micro-batch i holds chosen i-th B/k, then rejected
+        chosen = rows[:B].reshape(k, B // k, *rows.shape[1:])     # (k, B/k, ...)
+        rejected = rows[B:].reshape(k, B // k, *rows.shape[1:])   # (k, B/k, ...)
+        return jnp.concatenate([chosen, rejected], axis=1)
+
+    micro = {"input_ids": split(batch["input_ids"]), "margins": batch["margins"].reshape(k, B // k)}
+    if batch.get("lengths") is not None:
+        micro["lengths"] = split(batch["lengths"])
     return micro
 
 
