@@ -6,6 +6,7 @@ No loss in here: see loss.py.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -94,8 +95,69 @@ def _linear_fn(x, p, dtype):
     """x @ kernel + bias with inputs in `dtype`, accumulated and biased in float32, returned in
     `dtype` (on XLA:CPU a bfloat16 dot with a float32 result runs ~2x faster than one with a
     bfloat16 result; benchmarks/NOTES.md)."""
-    y = jnp.dot(x.astype(dtype), p["kernel"].astype(dtype), preferred_element_type=jnp.float32)
-    return (y + p["bias"]).astype(dtype)
+    *lead, d_in = x.shape
+    y = _matmul(x.reshape(-1, d_in).astype(dtype), p["kernel"].astype(dtype))  # (N, d_out) float32
+    return (y + p["bias"]).astype(dtype).reshape(*lead, -1)
+
+
+def _matmul(a, b, transpose_b: bool = False):
+    """a @ b (or a @ b^T) over the last two axes, batched over the leading ones, accumulated and
+    returned in float32. Below float32 its gradient is _low_precision_matmul's."""
+    if a.dtype == jnp.float32:
+        return _dot(a, b, transpose_b)
+    return _low_precision_matmul(a, b, transpose_b)
+
+
+def _dot(a, b, transpose_b: bool):
+    batch = tuple(range(a.ndim - 2))
+    contract = ((a.ndim - 1,), (b.ndim - 1 if transpose_b else b.ndim - 2,))
+    return jax.lax.dot_general(a, b, (contract, (batch, batch)), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _low_precision_matmul(a, b, transpose_b):
+    """Mixed precision as torch autocast runs a matmul: the backward pass takes the output's
+    cotangent in the inputs' dtype and runs both of its matmuls in that dtype, accumulated in
+    float32. Plain autodiff would run them in float32 (the cotangent of a float32 result), at
+    about half the speed on CPUs with bfloat16 units."""
+    return _dot(a, b, transpose_b)
+
+
+def _low_precision_matmul_fwd(a, b, transpose_b):
+    return _dot(a, b, transpose_b), (a, b)
+
+
+def _low_precision_matmul_bwd(transpose_b, residuals, g):
+    a, b = residuals
+    g = g.astype(a.dtype)
+    if transpose_b:  # y = a b^T: da = g b, db = g^T a
+        da, db = _dot(g, b, False), _dot(_transpose_rows_major(g), a, False)
+    else:            # y = a b: da = g b^T, db = a^T g
+        da, db = _dot(g, b, True), _dot(_transpose_rows_major(a), g, False)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+
+
+def _rows_major(x):
+    """x, stored row-major on XLA:CPU even when it is a transpose (see _transpose_rows_major)."""
+    n = x.shape[-2] // 2
+    if jax.default_backend() != "cpu" or n == 0:
+        return x
+    return jnp.concatenate([x[..., :n, :], x[..., n:, :]], axis=-2)
+
+
+def _transpose_rows_major(x):
+    """x with its last two axes swapped, stored row-major on XLA:CPU. A plain transpose reaches a
+    dot as a column-major view, and XLA:CPU then runs a bfloat16 dot in float32 through Eigen
+    (~135 vs ~330 GFLOP/s for a weight gradient here); joining two transposed halves makes XLA
+    write the transpose out, so the dot takes the fast library path (benchmarks/NOTES.md §15)."""
+    n = x.shape[-2] // 2
+    xt = jnp.swapaxes(x, -1, -2)
+    if jax.default_backend() != "cpu" or n == 0:
+        return xt
+    return jnp.concatenate([xt[..., :n], xt[..., n:]], axis=-1)
 
 
 def _use_sdpa(cfg: ModelConfig, key) -> bool:
@@ -120,7 +182,7 @@ def _attention_fn(q, k, v, key, cfg: ModelConfig):
     if _use_sdpa(cfg, key):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True).astype(v.dtype)
     T = q.shape[1]
-    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, nh, T, hs)
+    q, k, v = (_rows_major(x.transpose(0, 2, 1, 3)) for x in (q, k, v))  # (B, nh, T, hs)
     block = cfg.attention_block or T
     outputs = []
     for i, start in enumerate(range(0, T, block)):
@@ -134,11 +196,10 @@ def _attention_fn(q, k, v, key, cfg: ModelConfig):
 def _attend(q, k, v, visible, rate: float = 0.0, key=None):
     """softmax(q k^T / sqrt(d), -inf where not visible) v for q (B, nh, Tq, hs), k, v (B, nh, Tk, hs);
     scores, softmax and accumulation in float32, the result in v's dtype: (B, nh, Tq, hs)."""
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)  # (B, nh, Tq, Tk)
-    scores = scores * (1.0 / math.sqrt(q.shape[-1]))
+    scores = _matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, Tq, Tk)
     probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
     probs = _dropout_key(probs, rate, key)
-    return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(v.dtype)
+    return _matmul(probs.astype(v.dtype), v).astype(v.dtype)  # (B, nh, Tq, hs)
 
 
 def _mha_fn(x, p, cfg: ModelConfig, keys, remat: bool):
