@@ -175,7 +175,7 @@ def _attention_fn(q, k, v, key, cfg: ModelConfig):
 
     Blocked: queries go in blocks of `cfg.attention_block` rows, and block [s, e) only meets keys
     [0, e), so the masked part above the diagonal blocks is never computed (at T=512 and blocks of
-    64, 56% of the full T x T work). Each block's softmax is over all the keys it can see, so this
+    128, 62.5% of the full T x T work). Each block's softmax is over all the keys it can see, so this
     is the plain formula, not an online-softmax approximation. Dropout on the probabilities draws
     one mask per block from fold_in(key, block index).
     """
