@@ -140,24 +140,38 @@ def _low_precision_matmul_bwd(transpose_b, residuals, g):
 _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
 
 
+def _transpose_rows_major(x):
+    """x with its last two axes swapped, written out row-major on XLA:CPU. A plain transpose
+    reaches a dot as a column-major view, and XLA:CPU then runs a bfloat16 dot in float32 through
+    Eigen (~135 vs ~330 GFLOP/s for a weight gradient here); joining the transposes of two halves
+    makes XLA write the result out, so the dot takes the fast library path (benchmarks/NOTES.md
+    §15). Only for VJPs: no gradient is defined through it."""
+    n = x.shape[-2] // 2
+    if jax.default_backend() != "cpu" or n == 0:
+        return jnp.swapaxes(x, -1, -2)
+    u = _as_bits(x)
+    u = jnp.concatenate([jnp.swapaxes(u[..., :n, :], -1, -2), jnp.swapaxes(u[..., n:, :], -1, -2)], axis=-1)
+    return jax.lax.bitcast_convert_type(u, x.dtype)
+
+
+@jax.custom_vjp
 def _rows_major(x):
-    """x, stored row-major on XLA:CPU even when it is a transpose (see _transpose_rows_major)."""
+    """x itself, written out row-major on XLA:CPU when it is a transpose (as in
+    _transpose_rows_major); its gradient is the identity."""
     n = x.shape[-2] // 2
     if jax.default_backend() != "cpu" or n == 0:
         return x
-    return jnp.concatenate([x[..., :n, :], x[..., n:, :]], axis=-2)
+    u = _as_bits(x)
+    return jax.lax.bitcast_convert_type(jnp.concatenate([u[..., :n, :], u[..., n:, :]], axis=-2), x.dtype)
 
 
-def _transpose_rows_major(x):
-    """x with its last two axes swapped, stored row-major on XLA:CPU. A plain transpose reaches a
-    dot as a column-major view, and XLA:CPU then runs a bfloat16 dot in float32 through Eigen
-    (~135 vs ~330 GFLOP/s for a weight gradient here); joining two transposed halves makes XLA
-    write the transpose out, so the dot takes the fast library path (benchmarks/NOTES.md §15)."""
-    n = x.shape[-2] // 2
-    xt = jnp.swapaxes(x, -1, -2)
-    if jax.default_backend() != "cpu" or n == 0:
-        return xt
-    return jnp.concatenate([xt[..., :n], xt[..., n:]], axis=-1)
+_rows_major.defvjp(lambda x: (_rows_major(x), None), lambda _, g: (g,))
+
+
+def _as_bits(x):
+    """x's bits as unsigned integers of its width: XLA:CPU joins and transposes bfloat16 arrays
+    by way of float32, integers directly (2x faster)."""
+    return jax.lax.bitcast_convert_type(x, {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize])
 
 
 def _use_sdpa(cfg: ModelConfig, key) -> bool:

@@ -2,7 +2,7 @@
 
   python tests/sharding_worker.py equivalence OUT.json
       10 steps on one device, then on meshes data=8, fsdp=8, data=2 x fsdp=4: per-step losses,
-      final params, shard shapes; the data=2 x fsdp=4 state checkpointed and restored onto a
+      final params, shard shapes; 3 bfloat16 steps on one device and on data=2 x fsdp=4; the data=2 x fsdp=4 state checkpointed and restored onto a
       4-device fsdp mesh.
   python tests/sharding_worker.py run OUT.json DATA FSDP [COORDINATOR NUM_PROCESSES PROCESS_ID]
       10 steps on a DATA x FSDP mesh, every process loading only its rows of each batch
@@ -45,9 +45,9 @@ def pairs(n=64, T=24, seed=0) -> EncodedPairs:
                         rejected_lengths=lr.astype(np.int32), margins=rng.random(n).astype(np.float32))
 
 
-def train(mesh, tc=TRAIN, steps=STEPS):
-    state = shd.shard_state(init_train_state(MODEL, tc, seed=0), mesh)
-    step = make_train_step(MODEL, tc, mesh)
+def train(mesh, tc=TRAIN, steps=STEPS, model=MODEL):
+    state = shd.shard_state(init_train_state(model, tc, seed=0), mesh)
+    step = make_train_step(model, tc, mesh)
     batches = BatchIterator(pairs(), tc.batch_size, seed=1, pad_multiple=8,
                             rows=shd.process_rows(mesh, tc.batch_size))
     losses = []
@@ -85,6 +85,10 @@ def equivalence(out):
         state, result[name] = train(shd.make_mesh(data, fsdp))
         params[name] = flat_params(state)
         result[f"{name}_shards"] = shard_shapes(state)
+    # bf16 (its backward matmuls run through jaxrm.model's custom VJP and row-major copies)
+    bf16 = MODEL.replace(dtype="bfloat16")
+    result["bf16_1"] = train(None, steps=3, model=bf16)[1]
+    result["bf16_2x4"] = train(shd.make_mesh(2, 4), steps=3, model=bf16)[1]
 
     # checkpoint: save the data=2 x fsdp=4 state (8 devices), restore onto fsdp=4 (4 devices)
     with tempfile.TemporaryDirectory() as d:

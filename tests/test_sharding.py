@@ -100,6 +100,13 @@ def test_mesh_training_equals_one_device(runs, mesh):
     assert_same_params(runs["params"]["1"], runs["params"][mesh])
 
 
+def test_bfloat16_mesh_training_equals_one_device(runs):
+    eq = runs["eq"]
+    assert len(eq["bf16_2x4"]) == 3 and all(np.isfinite(eq["bf16_2x4"]))
+    assert eq["bf16_1"] != eq["1"][:3]  # really bf16
+    np.testing.assert_allclose(eq["bf16_2x4"], eq["bf16_1"], rtol=2e-3, atol=0)
+
+
 def test_params_and_optimizer_state_are_really_sharded(runs):
     shards = runs["eq"]
     kernel, adam_mu = "['h'][0]['mlp']['c_fc']['kernel']", "['h'][0]['mlp']['c_fc']['kernel']"
