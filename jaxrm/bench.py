@@ -281,6 +281,14 @@ def _jax_train_step(cfg, batch_size: int):
     return state, jax.jit(step, donate_argnums=0), "local (value_and_grad + optax adamw)"
 
 
+def _compile_ahead(jitted, *args):
+    """(compiled, seconds): trace, lower and XLA-compile ahead of time, so that compile time is
+    its own figure, apart from the first step."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
 def prepare_jax(case: Case, batch: dict, mode: str):
     """(one, info): one() runs a train step or a scoring call and blocks until it is done."""
     import jax
@@ -296,9 +304,7 @@ def prepare_jax(case: Case, batch: dict, mode: str):
     plan = {"scan_layers": scan, "remat": remat}
     if mode == "train":
         state, step, which = _jax_train_step(cfg, case.pairs)
-        t0 = time.perf_counter()
-        step = step.lower(state, jbatch).compile()  # ahead of time, so compile time is its own figure
-        plan["compile_s"] = time.perf_counter() - t0
+        step, plan["compile_s"] = _compile_ahead(step, state, jbatch)
         holder = [state]
 
         def one():
@@ -316,9 +322,7 @@ def prepare_jax(case: Case, batch: dict, mode: str):
         return scores[:case.pairs], scores[case.pairs:]
 
     ids = jbatch["input_ids"]
-    t0 = time.perf_counter()
-    score = score.lower(params, ids).compile()
-    plan["compile_s"] = time.perf_counter() - t0
+    score, plan["compile_s"] = _compile_ahead(score, params, ids)
     return (lambda: jax.block_until_ready(score(params, ids))), plan
 
 

@@ -146,32 +146,36 @@ def _transpose_rows_major(x):
     Eigen (~135 vs ~330 GFLOP/s for a weight gradient here); joining the transposes of two halves
     makes XLA write the result out, so the dot takes the fast library path (benchmarks/NOTES.md
     §15). Only for VJPs: no gradient is defined through it."""
-    n = x.shape[-2] // 2
-    if jax.default_backend() != "cpu" or n == 0:
+    if not _can_join_halves(x):
         return jnp.swapaxes(x, -1, -2)
-    u = _as_bits(x)
-    u = jnp.concatenate([jnp.swapaxes(u[..., :n, :], -1, -2), jnp.swapaxes(u[..., n:, :], -1, -2)], axis=-1)
-    return jax.lax.bitcast_convert_type(u, x.dtype)
+    return _join_halves(x, lambda half: jnp.swapaxes(half, -1, -2), axis=-1)
 
 
 @jax.custom_vjp
 def _rows_major(x):
     """x itself, written out row-major on XLA:CPU when it is a transpose (as in
     _transpose_rows_major); its gradient is the identity."""
-    n = x.shape[-2] // 2
-    if jax.default_backend() != "cpu" or n == 0:
+    if not _can_join_halves(x):
         return x
-    u = _as_bits(x)
-    return jax.lax.bitcast_convert_type(jnp.concatenate([u[..., :n, :], u[..., n:, :]], axis=-2), x.dtype)
+    return _join_halves(x, lambda half: half, axis=-2)
 
 
 _rows_major.defvjp(lambda x: (_rows_major(x), None), lambda _, g: (g,))
 
 
-def _as_bits(x):
-    """x's bits as unsigned integers of its width: XLA:CPU joins and transposes bfloat16 arrays
-    by way of float32, integers directly (2x faster)."""
-    return jax.lax.bitcast_convert_type(x, {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize])
+def _can_join_halves(x) -> bool:
+    """The row-major copies are for XLA:CPU only, and need at least two rows."""
+    return jax.default_backend() == "cpu" and x.shape[-2] >= 2
+
+
+def _join_halves(x, each, axis: int):
+    """each(first half of x's rows) and each(second half) joined along `axis`. The join runs on
+    x's bits as unsigned integers of its width: XLA:CPU joins and transposes bfloat16 arrays by
+    way of float32, integers directly (2x faster)."""
+    n = x.shape[-2] // 2
+    u = jax.lax.bitcast_convert_type(x, {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize])
+    return jax.lax.bitcast_convert_type(jnp.concatenate([each(u[..., :n, :]), each(u[..., n:, :])], axis=axis),
+                                        x.dtype)
 
 
 def _use_sdpa(cfg: ModelConfig, key) -> bool:
