@@ -71,6 +71,11 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
+    @property
+    def has_dropout(self) -> bool:
+        """Whether any of the four dropout rates is non-zero (a train step then draws masks)."""
+        return any((self.embed_pdrop, self.attn_pdrop, self.resid_pdrop, self.dropout))
+
     def torch_kwargs(self) -> dict:
         """Arguments for torchref.RewardModel (the original's constructor)."""
         names = ("vocab_size", "d_model", "block_size", "embed_pdrop", "num_heads", "dff",
@@ -101,8 +106,10 @@ def model_preset(name: str) -> ModelConfig:
 
 
 NONFINITE_POLICIES = ("stop", "skip")
-DEBUG_CHECKS = ("off", "checkify", "nans")  # TrainConfig.debug_checks (jaxrm/train.py)
+DEBUG_CHECKS = ("off", "checkify", "nans")  # TrainConfig.debug_checks (jaxrm/step.py)
 LENGTHS = ("first_pad", "explicit")  # TrainConfig.lengths: where a sequence ends
+# Pairs per evaluation batch (validation during training, `jaxrm eval`); results do not depend on it
+EVAL_BATCH_SIZE = 64
 
 
 @dataclass(frozen=True)
