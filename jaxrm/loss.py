@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrm.metrics import counted_mean
+
 LOSS_TYPES = ("span", "last_token")
 NORMALIZE_BY = ("pairs", "nonidentical")
 
@@ -109,16 +111,31 @@ def pairwise_loss(rewards, input_ids, pad_id: int, return_loss: bool = True, *,
     per_pair = jnp.where(identical, 0.0, per_pair)
     per_pair = jnp.where((c_end > 0) & (r_end > 0), per_pair, jnp.nan)  # an empty row poisons, never hides
 
-    counted = (~identical).astype(jnp.float32)
-    num_counted = counted.sum()
-    denominator = jnp.float32(bs) if normalize_by == "pairs" else jnp.maximum(num_counted, 1.0)
-    loss = per_pair.sum() / denominator if return_loss else jnp.float32(0.0)
     centered = jnp.where(identical, 0.0, (chosen_end_scores + rejected_end_scores) ** 2)
-    if return_loss and center_rewards_coef:
-        loss = loss + center_rewards_coef * centered.sum() / jnp.maximum(num_counted, 1.0)
-    wins = (chosen_end_scores > rejected_end_scores).astype(jnp.float32) * counted
-    accuracy = wins.sum() / jnp.maximum(num_counted, 1.0)
+    loss = jnp.float32(0.0)
+    if return_loss:
+        denominator, num_counted = loss_denominators(identical, normalize_by)
+        loss = reduce_loss(per_pair, centered, denominator, num_counted, center_rewards_coef)
+    accuracy = counted_mean((chosen_end_scores > rejected_end_scores).astype(jnp.float32), identical)
     return PairwiseOutput(loss, chosen_end_scores, rejected_end_scores, identical, accuracy, per_pair, centered)
+
+
+def loss_denominators(identical, normalize_by: str):
+    """(denominator of the loss terms, number of non-identical pairs, at least 1), float32, of a
+    batch's (bs,) identical flags: the denominator is bs with normalize_by="pairs" (the original),
+    the number of non-identical pairs with "nonidentical"."""
+    num_counted = jnp.maximum((~identical).sum(), 1).astype(jnp.float32)
+    return (jnp.float32(identical.shape[0]) if normalize_by == "pairs" else num_counted), num_counted
+
+
+def reduce_loss(per_pair_loss, centered, denominator, num_counted, center_rewards_coef: float = 0.0):
+    """The loss from per-pair terms: their sum / denominator, plus center_rewards_coef times the sum
+    of the centering terms / num_counted (loss_denominators). With the denominators of a whole batch
+    and the terms of one micro-batch, it gives that micro-batch's exact share of the batch's loss."""
+    loss = per_pair_loss.sum() / denominator
+    if center_rewards_coef:
+        loss = loss + center_rewards_coef * centered.sum() / num_counted
+    return loss
 
 
 class PairBatchError(ValueError):
