@@ -11,7 +11,8 @@ _EXPORTS = {
     "pairwise_loss": "jaxrm.loss", "PairwiseOutput": "jaxrm.loss", "sequence_ends": "jaxrm.loss",
     "validate_pair_batch": "jaxrm.loss", "PairBatchError": "jaxrm.loss",
 }
-_SUBMODULES = ("convert", "train", "data", "tokenizer", "checkpoint", "optim", "loss", "model", "config")
+_SUBMODULES = ("convert", "state", "step", "loop", "evaluate", "metrics", "data", "tokenizer", "checkpoint",
+               "optim", "loss", "model", "config")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

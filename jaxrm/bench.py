@@ -247,7 +247,9 @@ def _jax_train_step(cfg, batch_size: int):
     """(state, step_fn): jaxrm.train's step when it exists, else an equivalent local one."""
     import jax
     try:
-        from jaxrm.train import TrainConfig, init_train_state, make_train_step
+        from jaxrm.config import TrainConfig
+        from jaxrm.state import init_train_state
+        from jaxrm.step import make_train_step
     except ImportError:
         TrainConfig = None
     if TrainConfig is not None:
@@ -385,7 +387,9 @@ def plan_memory(preset: str, pairs: int, T: int, plans=REMAT_PLANS) -> list[dict
     plans too large for this machine are reported."""
     import jax
     import jax.numpy as jnp
-    from jaxrm.train import TrainConfig, abstract_train_state, make_train_step
+    from jaxrm.config import TrainConfig
+    from jaxrm.state import abstract_train_state
+    from jaxrm.step import make_train_step
 
     case = Case(preset, preset, pairs, T, "float32")
     tc = TrainConfig(batch_size=pairs)

@@ -6,6 +6,8 @@ import json
 import pathlib
 import sys
 
+from jaxrm.config import COORDINATOR_TIMEOUT_S
+
 EPILOG = """examples:
   jaxrm train                                   # the default preset on the bundled human-rated pairs
   jaxrm train --preset tiny --out runs/t --max_steps=20 --learning_rate=1e-3
@@ -26,7 +28,7 @@ def _split_overrides(extra: list[str]) -> dict[str, str]:
 
 def cmd_train(args, extra) -> int:
     from jaxrm.config import DEFAULT_RUN_PRESET, run_preset
-    from jaxrm.train import fit
+    from jaxrm.loop import fit
 
     preset = args.preset or DEFAULT_RUN_PRESET
     overrides = _split_overrides(extra)
@@ -79,20 +81,23 @@ def _load_init(path: str, model_config, overrides: dict | None = None):
 
 
 def _eval_data(run, data: str | None, split: str):
-    from jaxrm.data import bundled_data_path
+    from jaxrm.data import bundled_data_path, load_split
     from jaxrm.tokenizer import get_tokenizer
-    from jaxrm.train import load_split
     path = data or str(bundled_data_path(split))
     return path, load_split(run, get_tokenizer(run.train.tokenizer), path, path)[0]
 
 
 def cmd_eval(args, extra) -> int:
+    from jaxrm.config import EVAL_BATCH_SIZE
+    from jaxrm.evaluate import evaluate
     from jaxrm.rundir import load_model
-    from jaxrm.train import evaluate, make_eval_step, split_model
+    from jaxrm.state import split_model
+    from jaxrm.step import make_eval_step
 
     run, model = load_model(args.run_dir)
     path, data = _eval_data(run, args.data, args.split)
-    result = evaluate(make_eval_step(run.model, run.train), split_model(model)[1], data, 64)
+    eval_step = make_eval_step(run.model, run.train)
+    result = evaluate(eval_step, split_model(model)[1], data, EVAL_BATCH_SIZE, train_config=run.train)
     result = {"data": path, **result}
     if args.json:
         print(json.dumps(result))
@@ -142,8 +147,7 @@ def _read_texts(path: str) -> list[str]:
 
 def cmd_lint(args, extra) -> int:
     """A data report (jaxrm/lint.py); exit code 1 when training would refuse the data."""
-    from jaxrm.data import load_pairs
-    from jaxrm.formats import Columns
+    from jaxrm.formats import Columns, load_pairs
     from jaxrm.lint import format_report, lint_pairs
     from jaxrm.tokenizer import get_tokenizer
 
@@ -185,7 +189,18 @@ def cmd_convert(args, extra) -> int:
 
 
 def cmd_bench(args, extra) -> int:
-    from jaxrm.bench import main as bench_main
+    """`python -m benchmarks`, from the checkout this jaxrm lives in (the wheel has no benchmarks)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    if (root / "benchmarks" / "run.py").is_file() and str(root) not in sys.path:
+        sys.path.append(str(root))  # pip install -e installs jaxrm and torchref only
+    try:
+        from benchmarks.run import main as bench_main  # not a jaxrm module: present in a checkout only
+    except ModuleNotFoundError as e:
+        if e.name not in ("benchmarks", "benchmarks.run"):
+            raise
+        print("jaxrm bench: the benchmarks are not installed with jaxrm; from a checkout of the "
+              "repository run `python -m benchmarks` (same flags)", file=sys.stderr)
+        return 2
     return bench_main((["--quick"] if args.quick else []) + (["--json", args.json] if args.json else []) + extra)
 
 
@@ -207,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--process-id", type=int, default=0)
     g.add_argument("--distributed", action="store_true",
                    help="jax.distributed with cluster auto-detection (SLURM, Open MPI, TPU pods, JAX_* variables)")
-    g.add_argument("--init-timeout", type=int, default=300, metavar="SECONDS",
-                   help="give up joining the coordinator after this long (default 300)")
+    g.add_argument("--init-timeout", type=int, default=COORDINATOR_TIMEOUT_S, metavar="SECONDS",
+                   help=f"give up joining the coordinator after this long (default {COORDINATOR_TIMEOUT_S})")
     g = p.add_argument_group("reliability (README: Reliability)")
     g.add_argument("--deterministic", nargs="?", const="true", metavar="BOOL",
                    help="bit-reproducible GPU runs: adds --xla_gpu_deterministic_ops=true "
@@ -250,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchref: one .safetensors state_dict; hf-seq-cls: a transformers "
                         "GPT2ForSequenceClassification directory")
     p.set_defaults(func=cmd_convert)
-    p = sub.add_parser("bench", help="throughput, MFU and memory of jaxrm vs torchref")
+    p = sub.add_parser("bench", help="throughput, MFU and memory of jaxrm vs torchref (python -m benchmarks)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json")
     p.set_defaults(func=cmd_bench, extra_ok=True)
@@ -268,8 +283,8 @@ def main(argv=None) -> int:
     if extra and not getattr(args, "extra_ok", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from jaxrm.checkpoint import CheckpointError
-    from jaxrm.data import DataError
-    from jaxrm.train import Preempted, TrainingError
+    from jaxrm.formats import DataError
+    from jaxrm.loop import Preempted, TrainingError
     try:
         return args.func(args, extra)
     except Preempted as e:

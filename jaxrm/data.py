@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from jaxrm.config import LENGTHS  # where a sequence ends (TrainConfig.lengths)
+from jaxrm.config import LENGTHS, RunConfig  # LENGTHS: where a sequence ends (TrainConfig.lengths)
 
 SPLITS = ("train", "validation", "test")
 BUNDLED_DIR = pathlib.Path(__file__).resolve().parent / "assets" / "vader_pairs"
@@ -274,3 +274,18 @@ def eval_batches(data: EncodedPairs, batch_size: int) -> Iterator[dict]:
         valid = np.arange(batch_size) < len(idx)  # (B,)
         idx = np.concatenate([idx, np.zeros(batch_size - len(idx), dtype=idx.dtype)])  # (B,) filler = pair 0
         yield {**_batch(data, idx), "valid": valid}
+
+
+# -----------------------------------------------------------------------------
+# a run's data
+
+def load_split(run: RunConfig, tokenizer, path: str, source: str) -> tuple[EncodedPairs, dict]:
+    """The pairs of one file (or datasets DIR[:SPLIT]) for `run`: read with its column names,
+    tokenized and padded to its seq_len (default block_size); (EncodedPairs, stats)."""
+    from jaxrm.formats import Columns  # at the top once formats.py no longer imports this module
+    seq_len = run.train.seq_len or run.model.block_size
+    if seq_len > run.model.block_size:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's block_size={run.model.block_size}")
+    return encode_pairs(load_pairs(path, Columns.from_train_config(run.train)), tokenizer, seq_len=seq_len,
+                        pad_id=run.model.pad_id, vocab_size=run.model.vocab_size,
+                        truncation=run.train.truncation, source=source, lengths=run.train.lengths)

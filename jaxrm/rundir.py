@@ -8,6 +8,7 @@ from jaxrm import convert
 from jaxrm.checkpoint import CheckpointError, Checkpointer, load_safetensors, save_safetensors
 from jaxrm.config import RunConfig
 from jaxrm.model import RewardModel
+from jaxrm.state import abstract_train_state, merge_model
 
 CONFIG, METRICS, CHECKPOINTS, WEIGHTS, CURVES, SUMMARY = (
     "config.json", "metrics.jsonl", "checkpoints", "model.safetensors", "curves.png", "summary.json")
@@ -46,8 +47,7 @@ def load_model(run_dir) -> tuple[RunConfig, RewardModel]:
     if weights.is_file():
         state_dict, _ = load_safetensors(weights)
         return run, convert.from_torch_state_dict(run.model, state_dict)
-    from jaxrm.train import abstract_train_state, merge_model  # a checkpoint without exported weights
-    ckpt = Checkpointer(run_dir / CHECKPOINTS)
+    ckpt = Checkpointer(run_dir / CHECKPOINTS)  # a checkpoint without exported weights
     if ckpt.latest_step() is None:
         raise CheckpointError(f"{run_dir}: no {WEIGHTS} and no checkpoint to load")
     state, _ = ckpt.restore(abstract_train_state(run.model, run.train))

@@ -7,8 +7,8 @@ The mesh has two axes (room is left for a third, `tensor`):
 
 The batch is split over both axes by pairs: the (2B, T) chosen-then-rejected ids are placed
 as a (2, B, T) array sharded on B, so the chosen row and the rejected row of a pair sit on
-the same device; the train step regroups them (see jaxrm.train.make_train_step). A 1x1 mesh
-means "no sharding": the single-device path is left exactly as it was.
+the same device; one device gets the same (2, B, T) layout (see jaxrm/step.py). A 1x1 mesh
+means "no sharding": no mesh, no shardings.
 """
 from __future__ import annotations
 
@@ -129,23 +129,24 @@ def process_rows(mesh: Mesh | None, batch_size: int) -> tuple[int, int]:
 
 
 def shard_batch(batch: dict, mesh: Mesh | None, batch_size: int, lengths: bool = False) -> dict:
-    """Host batch -> global jax.Arrays on the mesh.
+    """A data-layer batch -> the train and eval steps' layout (jaxrm/step.py), on the mesh.
 
     `batch` holds this process's pairs only (all of them with one process):
     input_ids (2b, T) chosen then rejected, margins (b,), and with `lengths` (explicit
     sequence ends) lengths (2b,). Returns input_ids (2, B, T), margins (B,) and lengths (2, B)
-    with B = batch_size, the global batch; without a mesh the host arrays, unchanged.
+    with B = batch_size, the global batch: global jax.Arrays on the mesh, or without a mesh the
+    host arrays in that layout.
     """
-    host = {"input_ids": np.asarray(batch["input_ids"]), "margins": np.asarray(batch["margins"])}
-    if lengths:
-        host["lengths"] = np.asarray(batch["lengths"], np.int32)
-    if mesh is None:
-        return host
-    b, T = host["input_ids"].shape[0] // 2, host["input_ids"].shape[1]
-    local = {"input_ids": host["input_ids"].reshape(2, b, T), "margins": host["margins"]}
+    ids = np.asarray(batch["input_ids"])
+    b, T = ids.shape[0] // 2, ids.shape[1]
+    local = {"input_ids": ids.reshape(2, b, T),  # (2b, T) -> (2, b, T)
+             "margins": np.asarray(batch["margins"])}
     shapes = {"input_ids": (2, batch_size, T), "margins": (batch_size,)}
     if lengths:
-        local["lengths"], shapes["lengths"] = host["lengths"].reshape(2, b), (2, batch_size)
+        local["lengths"] = np.asarray(batch["lengths"], np.int32).reshape(2, b)  # (2b,) -> (2, b)
+        shapes["lengths"] = (2, batch_size)
+    if mesh is None:
+        return local
     shardings = batch_shardings(mesh, lengths)
     if jax.process_count() == 1:
         return {k: jax.device_put(v, shardings[k]) for k, v in local.items()}

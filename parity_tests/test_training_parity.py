@@ -9,7 +9,9 @@ import pytest
 from jaxrm import convert
 from jaxrm.config import TrainConfig
 from jaxrm.optim import learning_rate
-from jaxrm.train import init_train_state, make_train_step, merge_model
+from jaxrm.sharding import shard_batch
+from jaxrm.state import init_train_state, merge_model
+from jaxrm.step import make_train_step
 from parity_tests.conftest import TINY_GPT2, mixed_pair_batch
 
 torch = pytest.importorskip("torch")
@@ -47,7 +49,8 @@ def jax_trajectory(model, data, train_config=TRAIN):
     step = make_train_step(CONFIG, train_config)
     losses, norms = [], []
     for ids in data:
-        state, metrics = step(state, {"input_ids": ids.astype(np.int32), "margins": np.zeros(len(ids) // 2, np.float32)})
+        batch = {"input_ids": ids.astype(np.int32), "margins": np.zeros(len(ids) // 2, np.float32)}
+        state, metrics = step(state, shard_batch(batch, None, len(ids) // 2))  # (2B, T) -> (2, B, T)
         losses.append(float(metrics["loss"]))
         norms.append(float(metrics["grad_norm"]))
     return losses, norms, convert.to_torch_state_dict(merge_model(CONFIG, state.params))
@@ -113,7 +116,7 @@ def test_gradient_accumulation_equals_the_full_batch():
 def test_decay_groups_match_configure_optimizers(capsys):
     """The ndim >= 2 mask decays exactly the original's tensors; the printed counts are identical."""
     from jaxrm.optim import describe_decay
-    from jaxrm.train import split_model
+    from jaxrm.state import split_model
     torch.manual_seed(2)
     tm = torchref.RewardModel(**CONFIG.torch_kwargs())
     tm.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")

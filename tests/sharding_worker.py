@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 from jaxrm import sharding as shd  # noqa: E402
 from jaxrm.config import ModelConfig, TrainConfig  # noqa: E402
 from jaxrm.data import BatchIterator, EncodedPairs  # noqa: E402
-from jaxrm.train import abstract_train_state, init_train_state, make_train_step  # noqa: E402
+from jaxrm.state import abstract_train_state, init_train_state  # noqa: E402
+from jaxrm.step import make_train_step  # noqa: E402
 
 # the tests' tiny byte-vocab model, dropout on: a mesh must draw the same masks as one device
 MODEL = ModelConfig(vocab_size=257, d_model=32, block_size=32, num_heads=4, dff=64, num_layer=2,

@@ -8,7 +8,10 @@ import pytest
 
 from jaxrm import cli
 from jaxrm.config import ModelConfig, TrainConfig
-from jaxrm.train import TrainingError, init_train_state, make_train_step
+from jaxrm.loop import TrainingError
+from jaxrm.sharding import shard_batch
+from jaxrm.state import init_train_state
+from jaxrm.step import make_train_step
 
 MODEL = ModelConfig(vocab_size=257, d_model=32, block_size=16, num_heads=4, dff=64, num_layer=1)  # dropout on
 
@@ -18,7 +21,7 @@ def batch(out_of_range: bool = False) -> dict:
     ids[:, :3] = [[1, 2, 3], [1, 2, 4], [1, 5, 6], [1, 5, 7]]
     if out_of_range:
         ids[0, 1] = MODEL.vocab_size + 5
-    return {"input_ids": ids, "margins": np.zeros(2, np.float32)}
+    return shard_batch({"input_ids": ids, "margins": np.zeros(2, np.float32)}, None, 2)  # (2, 2, 8)
 
 
 def config(debug_checks: str) -> TrainConfig:

@@ -12,7 +12,7 @@ import pytest
 
 from jaxrm import runtime
 from jaxrm.config import RunConfig, TrainConfig, run_preset
-from jaxrm.train import fit
+from jaxrm.loop import fit
 from tests.test_train import weights, write_pairs
 
 TRAIN = dict(tokenizer="byte", seq_len=32, batch_size=4, max_steps=3, warmup_steps=1, lr_decay_steps=3,

@@ -19,7 +19,9 @@ from jaxrm.data import BatchIterator, DataError, encode_pairs, eval_batches, loa
 from jaxrm.loss import pairwise_loss
 from jaxrm.model import RewardModel
 from jaxrm.tokenizer import GPT2Tokenizer
-from jaxrm.train import _micro_batches, evaluate, init_train_state, make_eval_step, make_train_step, split_model
+from jaxrm.evaluate import evaluate
+from jaxrm.state import init_train_state, split_model
+from jaxrm.step import make_eval_step, make_train_step, micro_batches
 
 GPT2 = GPT2Tokenizer()
 EOT = GPT2.eot_id  # 50256 = the PAD id of a vocab_size=50257 model
@@ -88,13 +90,14 @@ def test_eval_end_scores_are_at_the_true_last_token(gpt2_file, model_and_params)
     data = encode(gpt2_file)
     batch = next(eval_batches(data, 8))
     ends = true_end_scores(model, batch)
-    out = jax.device_get(make_eval_step(MODEL, EXPLICIT)(params, batch))
+    out = jax.device_get(make_eval_step(MODEL, EXPLICIT)(params, shd.shard_batch(batch, None, 8, lengths=True)))
     np.testing.assert_allclose(out["chosen"], ends[:8], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(out["rejected"], ends[8:], rtol=1e-6, atol=1e-7)
     assert not out["identical"].any()
     # the default on the same ids: the end-of-text in the prompt is the first PAD, so every
     # sequence ends there, before the answers differ: an empty loss span, NaN (why encode refuses it)
-    default = jax.device_get(make_eval_step(MODEL, dataclasses.replace(EXPLICIT, lengths="first_pad"))(params, batch))
+    default_step = make_eval_step(MODEL, dataclasses.replace(EXPLICIT, lengths="first_pad"))
+    default = jax.device_get(default_step(params, shd.shard_batch(batch, None, 8, lengths=True)))
     rewards = np.asarray(model(batch["input_ids"], deterministic=True))
     first_pad = np.argmax(batch["input_ids"] == EOT, axis=1)
     np.testing.assert_allclose(default["chosen"], rewards[np.arange(8), first_pad[:8] - 1], rtol=1e-6)
@@ -151,7 +154,7 @@ def test_default_mode_is_unchanged_when_no_pad_is_inside_a_text():
 def test_grad_accumulation_with_lengths_equals_the_full_batch(gpt2_file, model_and_params):
     model, _ = model_and_params
     data = encode(gpt2_file)
-    micro = _micro_batches({k: jax.numpy.asarray(v) for k, v in next(BatchIterator(data, 4, seed=0)).items()}, 2)
+    micro = micro_batches(shd.shard_batch(next(BatchIterator(data, 4, seed=0)), None, 4, lengths=True), 2)
     assert micro["lengths"].shape == (2, 4)
     for j in range(2):  # each micro-batch's lengths are those of its own rows
         ids, lengths = np.asarray(micro["input_ids"][j]), np.asarray(micro["lengths"][j])
@@ -241,7 +244,8 @@ import numpy as np
 from jaxrm import sharding as shd
 from jaxrm.config import ModelConfig, TrainConfig
 from jaxrm.data import BatchIterator, EncodedPairs
-from jaxrm.train import init_train_state, make_train_step
+from jaxrm.state import init_train_state
+from jaxrm.step import make_train_step
 model = ModelConfig(vocab_size=257, d_model=32, block_size=16, num_heads=4, dff=64, num_layer=1,
                     embed_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, dropout=0.0)
 rng = np.random.default_rng(0)

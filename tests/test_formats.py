@@ -171,14 +171,14 @@ def test_train_on_each_format(tmp_path, fmt):
 def test_runs_saved_before_the_column_keys_still_resume():
     """A checkpoint's config without the (newer) *_key fields matches a run with their defaults."""
     from jaxrm.config import run_preset
-    from jaxrm.train import _config_differences
+    from jaxrm.loop import config_differences
     run = run_preset("tiny")
     saved = run.to_dict()
     for key in ("prompt_key", "chosen_key", "rejected_key", "margin_key", "chosen_ids_key", "rejected_ids_key"):
         del saved["train"][key]
-    assert _config_differences(saved, run) == []
+    assert config_differences(saved, run) == []
     changed = run.override({"chosen_key": "good"})
-    assert _config_differences(saved, changed) == ["train.chosen_key: checkpoint has 'chosen', this run 'good'"]
+    assert config_differences(saved, changed) == ["train.chosen_key: checkpoint has 'chosen', this run 'good'"]
 
 
 def test_truncation_left_cuts_the_shared_prompt_only():

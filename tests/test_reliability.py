@@ -22,7 +22,8 @@ from jaxrm.checkpoint import (MANIFEST, CheckpointError, Checkpointer, CorruptCh
                               save_safetensors)
 from jaxrm.config import RunConfig, TrainConfig
 from jaxrm.data import DataError, load_pairs
-from jaxrm.train import abstract_train_state, fit
+from jaxrm.loop import fit
+from jaxrm.state import abstract_train_state
 from tests.test_train import make_run, weights, write_pairs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -14,7 +14,10 @@ from jaxrm import cli
 from jaxrm.checkpoint import Checkpointer, load_safetensors
 from jaxrm.config import ModelConfig, RunConfig, TrainConfig
 from jaxrm.optim import decay_mask, learning_rate
-from jaxrm.train import TrainingError, fit, init_train_state, make_train_step
+from jaxrm.loop import TrainingError, fit
+from jaxrm.sharding import shard_batch
+from jaxrm.state import init_train_state
+from jaxrm.step import make_train_step
 
 MODEL = ModelConfig(vocab_size=257, d_model=32, block_size=64, num_heads=4, dff=64, num_layer=2)
 
@@ -83,7 +86,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_
     with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step (\d+).*Last good checkpoint: step"):
         fit(run, tmp_path / "run")
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints")
-    from jaxrm.train import abstract_train_state
+    from jaxrm.state import abstract_train_state
     state, _ = ckpt.restore(abstract_train_state(run.model, run.train))
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
@@ -101,7 +104,8 @@ def test_a_nonfinite_step_leaves_params_untouched():
     ids = np.full((4, 8), MODEL.pad_id, np.int32)
     ids[:, :3] = [[1, 2, 3], [1, 2, 4], [1, 5, 6], [1, 5, 7]]
     ids[0, 1] = MODEL.vocab_size + 5  # out of range: NaN under jit (never clamped)
-    state, metrics = make_train_step(MODEL, tc)(state, {"input_ids": ids, "margins": np.zeros(2, np.float32)})
+    batch = shard_batch({"input_ids": ids, "margins": np.zeros(2, np.float32)}, None, 2)  # (2, 2, 8)
+    state, metrics = make_train_step(MODEL, tc)(state, batch)
     assert not bool(metrics["finite"]) and int(state.step) == 1
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, state.params), before)
 
@@ -169,9 +173,9 @@ def test_sigterm_saves_and_resume_matches(tmp_path):
     fit(RunConfig(run.model, TrainConfig(**{**run.train.__dict__, "max_steps": 400})), tmp_path / "straight")
     config = tmp_path / "run.json"
     config.write_text(json.dumps(run.to_dict()))
-    code = ("import json,sys; from jaxrm.config import RunConfig; from jaxrm.train import fit;"
+    code = ("import json,sys; from jaxrm.config import RunConfig; from jaxrm.loop import fit;"
             "fit(RunConfig.from_dict(json.load(open(sys.argv[1]))), sys.argv[2])")
-    script = f"import sys; from jaxrm.train import Preempted\ntry:\n  exec({code!r})\nexcept Preempted as e:\n  print(e); sys.exit(75)"
+    script = f"import sys; from jaxrm.loop import Preempted\ntry:\n  exec({code!r})\nexcept Preempted as e:\n  print(e); sys.exit(75)"
     proc = subprocess.Popen([sys.executable, "-c", script, str(config), str(tmp_path / "pre")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "pre" / "metrics.jsonl"
@@ -194,7 +198,8 @@ def test_mixed_precision_step_keeps_float32_state():
     state = init_train_state(bf16, tc, seed=0)
     ids = np.full((4, 8), MODEL.pad_id, np.int32)
     ids[:, :3] = [[1, 2, 3], [1, 2, 4], [1, 5, 6], [1, 5, 7]]
-    state, metrics = make_train_step(bf16, tc)(state, {"input_ids": ids, "margins": np.zeros(2, np.float32)})
+    batch = shard_batch({"input_ids": ids, "margins": np.zeros(2, np.float32)}, None, 2)  # (2, 2, 8)
+    state, metrics = make_train_step(bf16, tc)(state, batch)
     assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
     leaves = jax.tree.leaves((state.params, state.opt_state))
     assert all(x.dtype == np.float32 for x in leaves if np.issubdtype(x.dtype, np.floating))

@@ -1,0 +1,311 @@
+"""fit: train a RunConfig into a run directory, resuming from its latest checkpoint.
+
+In the order fit uses them: RunLog (the one logging path), the run's data, resume_or_init
+(config check and restore, or a fresh state), the loop (with Preemption and NonFinitePolicy),
+then the export and the final evaluation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import time
+
+import jax
+from jax.experimental import multihost_utils
+
+from jaxrm import rundir
+from jaxrm import sharding as shd
+from jaxrm.checkpoint import Checkpointer
+from jaxrm.config import EVAL_BATCH_SIZE, ModelConfig, RunConfig, TrainConfig
+from jaxrm.data import BatchIterator, bundled_data_path, load_split
+from jaxrm.evaluate import evaluate
+from jaxrm.model import RewardModel
+from jaxrm.optim import describe_decay
+from jaxrm.report import MetricsLog, Progress, plot_curves
+from jaxrm.runtime import use_deterministic_ops
+from jaxrm.state import TrainState, abstract_train_state, init_train_state, merge_model
+from jaxrm.step import TrainingError, make_eval_step, make_train_step
+from jaxrm.tokenizer import get_tokenizer
+
+
+class Preempted(RuntimeError):
+    """SIGTERM/SIGINT arrived; a checkpoint of the current step was saved."""
+
+
+class RunLog:
+    """The run's one logging path: messages and the progress line (process 0; a given `log`
+    callable instead, on every process) and metrics.jsonl, one row per step and per evaluation."""
+
+    def __init__(self, tc: TrainConfig, log=None):
+        self.primary = jax.process_index() == 0          # writes metrics, config, weights
+        self.progress = Progress(tc.max_steps, tc.log_every)
+        self.log = log
+        self.metrics = None                              # MetricsLog, from open()
+        self.last_time = time.time()
+
+    def say(self, text: str, every_process: bool = False) -> None:
+        if self.log is not None:
+            self.log(text)
+        elif self.primary or every_process:
+            self.progress.message(text)
+
+    def open(self, path, resume_step: int | None) -> None:
+        """Start metrics.jsonl; when resuming, keep its rows up to `resume_step`."""
+        self.metrics = MetricsLog(path if self.primary else os.devnull, resume_step)
+        self.last_time = time.time()
+
+    def host_metrics(self, metrics: dict, tokens: int) -> dict:
+        """A step's metrics as floats, with tokens_per_s since the previous step was read."""
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.time()
+        metrics["tokens_per_s"] = tokens / max(now - self.last_time, 1e-9)
+        self.last_time = now
+        return metrics
+
+    def train(self, step: int, metrics: dict) -> None:
+        self.metrics.write({"kind": "train", "step": step, **metrics})
+        if self.primary:
+            self.progress.update(step, metrics)
+
+    def eval(self, step: int, result: dict) -> None:
+        self.metrics.write({"kind": "eval", "step": step, **result})
+        self.say(f"step {step}: validation accuracy {result['accuracy']:.4f} loss {result['loss']:.4f} "
+                 f"({result['pairs']} pairs)")
+
+
+class Preemption:
+    """A context: inside it SIGTERM and SIGINT are recorded (`received`: the first one's number,
+    else None) instead of ending the process; the previous handlers are restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self) -> "Preemption":
+        self.received = None
+        self._previous = {sig: signal.signal(sig, self._record) for sig in self.SIGNALS}
+        return self
+
+    def _record(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class NonFinitePolicy:
+    """TrainConfig.nonfinite, for a step whose loss or gradient norm was NaN / inf (the step left
+    params and optimizer state as they were): "stop" raises TrainingError; "skip" goes on, up to
+    max_nonfinite_skips such steps in a row."""
+
+    def __init__(self, tc: TrainConfig, checkpoints: Checkpointer, say):
+        self.tc, self.checkpoints, self.say = tc, checkpoints, say
+        self.in_a_row = 0
+
+    def check(self, step: int, metrics: dict) -> None:
+        """Pops metrics["finite"]; for a non-finite step, raises or reports the skip."""
+        if metrics.pop("finite"):
+            self.in_a_row = 0
+            return
+        where = f"step {step}: loss {metrics['loss']}, grad norm {metrics['grad_norm']}"
+        latest = self.checkpoints.latest_step()
+        if self.tc.nonfinite == "stop":
+            raise TrainingError(f"non-finite loss or gradient at {where}; parameters were not updated. "
+                                f"Last good checkpoint: step {latest} in {self.checkpoints.directory}. "
+                                f"Use --nonfinite=skip to skip such steps.")
+        self.in_a_row += 1
+        self.say(f"skipped non-finite {where} ({self.in_a_row} in a row)")
+        if self.in_a_row > self.tc.max_nonfinite_skips:
+            raise TrainingError(f"{self.in_a_row} non-finite steps in a row (limit max_nonfinite_skips="
+                                f"{self.tc.max_nonfinite_skips}), last at {where}; "
+                                f"last good checkpoint: step {latest}")
+
+
+# -----------------------------------------------------------------------------
+# data and resume
+
+def load_run_data(run: RunConfig, say):
+    """(tokenizer, train pairs, validation pairs or None) of `run`; default: the bundled splits."""
+    tc, mc = run.train, run.model
+    tokenizer = get_tokenizer(tc.tokenizer)
+    if tokenizer.vocab_size > mc.vocab_size:
+        raise ValueError(f"tokenizer {tc.tokenizer!r} has {tokenizer.vocab_size} ids but the model's "
+                         f"vocab_size is {mc.vocab_size}; set vocab_size >= {tokenizer.vocab_size}")
+    train_path = tc.data or str(bundled_data_path("train"))
+    train, stats = load_split(run, tokenizer, train_path, train_path)
+    say(f"train data {train_path}: {stats['pairs_kept']} pairs (dropped {stats['dropped_too_long']} "
+        f"too long, {stats['dropped_identical']} identical)")
+    val_path = tc.eval_data or ("" if tc.data else str(bundled_data_path("validation")))
+    validation = load_split(run, tokenizer, val_path, val_path)[0] if val_path else None
+    return tokenizer, train, validation
+
+
+# keys that may change between a run and its resume; any other difference is another run
+RESUMABLE_CHANGES = {"max_steps", "eval_every", "eval_pairs", "checkpoint_every", "keep_checkpoints",
+                     "log_every", "nonfinite", "max_nonfinite_skips", "mesh_data", "mesh_fsdp",
+                     *ModelConfig.PLAN_FIELDS, "deterministic", "debug_checks"}
+
+
+def config_differences(saved: dict, run: RunConfig) -> list[str]:
+    """The settings in which a checkpoint's saved config differs from `run`, RESUMABLE_CHANGES
+    apart; keys added since the checkpoint was written count as their defaults. A saved config
+    that this version cannot read raises its TypeError / ValueError."""
+    saved, current = RunConfig.from_dict(saved).to_dict(), run.to_dict()
+    return [f"{section}.{key}: checkpoint has {saved[section].get(key)!r}, this run {value!r}"
+            for section in ("model", "train") for key, value in current[section].items()
+            if saved[section].get(key) != value and key not in RESUMABLE_CHANGES]
+
+
+def _check_resumable(checkpoints: Checkpointer, step: int, run: RunConfig, out: pathlib.Path) -> None:
+    where = checkpoints.step_dir(step)
+    try:
+        differences = config_differences(checkpoints.read_meta(step).get("config", {}), run)
+    except (TypeError, ValueError) as e:
+        raise TrainingError(f"{where}: the checkpoint's config is not one this version of jaxrm can read "
+                            f"({e}); use another --out") from None
+    if differences:
+        raise TrainingError(f"{out} holds a run with another config ({'; '.join(differences)}); "
+                            f"use another --out or the same settings")
+
+
+def resume_or_init(run: RunConfig, out: pathlib.Path, checkpoints: Checkpointer, batches: BatchIterator,
+                   mesh, init_model: RewardModel | None, log: RunLog) -> tuple[TrainState, int | None]:
+    """(state, resumed step): the latest intact checkpoint's, with `batches` moved to its data
+    position, when its config matches `run`; else (a fresh state, None) and config.json written."""
+    tc, mc = run.train, run.model
+    step = checkpoints.latest_intact_step(log.say)  # skips (and reports) incomplete or corrupt steps
+    if step is None:
+        state = shd.shard_state(init_train_state(mc, tc, tc.seed, model=init_model), mesh)
+        if log.primary:
+            rundir.write_config(out, run)
+        log.say(describe_decay(state.params))
+        return state, None
+    _check_resumable(checkpoints, step, run, out)
+    target = shd.abstract_with_shardings(abstract_train_state(mc, tc), mesh)  # onto this run's mesh
+    state, meta = checkpoints.restore(target, step)
+    batches.restore(meta["data"])
+    log.say(f"resumed from {out / rundir.CHECKPOINTS} step {step}")
+    return state, step
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+def host_params(params, mesh):
+    """Params as they are on one device (for evaluation and export), gathered from the mesh."""
+    if mesh is None:
+        return params
+    return jax.device_put(multihost_utils.process_allgather(params, tiled=True), jax.local_devices()[0])
+
+
+class _Loop:
+    """The steps of a run, with what they need: train / eval steps, batches, checkpoints, log."""
+
+    def __init__(self, run: RunConfig, mesh, batches: BatchIterator, checkpoints: Checkpointer, log: RunLog):
+        self.run, self.mesh, self.batches, self.checkpoints, self.log = run, mesh, batches, checkpoints, log
+        self.train_step = make_train_step(run.model, run.train, mesh)
+        self.eval_step = make_eval_step(run.model, run.train)
+        self.nonfinite = NonFinitePolicy(run.train, checkpoints, log.say)
+
+    def steps(self, state: TrainState, validation) -> TrainState:
+        """Train from state.step to max_steps; checkpoints every checkpoint_every steps, at the end
+        and on SIGTERM / SIGINT (then raises Preempted); validation every eval_every steps."""
+        tc = self.run.train
+        pending = None  # (step, metrics on device, tokens): read one step late, the device busy meanwhile
+        step = int(state.step)
+        with Preemption() as preemption:
+            while step < tc.max_steps:
+                batch = next(self.batches)
+                tokens = batch["input_ids"].size * jax.process_count()
+                state, metrics = self.train_step(state, self.step_batch(batch))
+                if pending is not None:
+                    self.report(*pending)
+                step += 1
+                pending = (step, metrics, tokens)
+                at_end = step == tc.max_steps
+                if step % tc.checkpoint_every == 0 or at_end or preemption.received:
+                    self.report(*pending)
+                    pending = None
+                    self.save(step, state)
+                if validation is not None and (step % tc.eval_every == 0 or at_end):
+                    params = host_params(state.params, self.mesh)
+                    self.log.eval(step, self.evaluate(params, validation, tc.eval_pairs))
+                if preemption.received:
+                    raise Preempted(f"received signal {preemption.received}: saved checkpoint step {step} in "
+                                    f"{self.checkpoints.directory}; run the same command again to resume")
+            if pending is not None:
+                self.report(*pending)
+        return state
+
+    def step_batch(self, batch: dict) -> dict:
+        """A data-layer batch in the steps' layout, on the mesh (jaxrm.sharding.shard_batch)."""
+        tc = self.run.train
+        return shd.shard_batch(batch, self.mesh, tc.batch_size, lengths=tc.lengths == "explicit")
+
+    def report(self, step: int, metrics: dict, tokens: int) -> None:
+        metrics = self.log.host_metrics(metrics, tokens)
+        self.nonfinite.check(step, metrics)
+        self.log.train(step, metrics)
+
+    def save(self, step: int, state: TrainState) -> None:
+        self.checkpoints.save(step, state, {"config": self.run.to_dict(), "data": self.batches.state()})
+
+    def evaluate(self, params, data, limit: int = 0) -> dict:
+        return evaluate(self.eval_step, params, data, EVAL_BATCH_SIZE, limit, self.run.train)
+
+
+def _finish(loop: _Loop, state: TrainState, out: pathlib.Path, tokenizer, train_pairs: int, validation,
+            started: float) -> dict:
+    """Export the weights and curves, evaluate (validation, and the bundled test split with the
+    bundled data), write summary.json; the summary."""
+    run, log = loop.run, loop.log
+    params = host_params(state.params, loop.mesh)
+    if log.primary:
+        rundir.export_weights(out, merge_model(run.model, params))
+        plot_curves(out / rundir.METRICS, out / rundir.CURVES)
+    summary = {"steps": int(state.step), "train_pairs": train_pairs}
+    if validation is not None:
+        summary["validation"] = loop.evaluate(params, validation)
+    if not run.train.data:
+        test = load_split(run, tokenizer, str(bundled_data_path("test")), "test")[0]
+        summary["test"] = loop.evaluate(params, test)
+    summary["wall_time_s"] = round(time.time() - started, 1)  # training and the final evaluation
+    if log.primary:
+        (out / rundir.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    loop.checkpoints.close()
+    return summary
+
+
+def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None) -> dict:
+    """Train `run` into `out_dir`, resuming from its latest checkpoint if there is one.
+
+    Writes config.json, metrics.jsonl, checkpoints/, model.safetensors, curves.png and
+    summary.json. Returns the summary (final validation and test metrics, wall time).
+    """
+    started = time.time()
+    tc = run.train
+    mesh = shd.make_mesh(tc.mesh_data, tc.mesh_fsdp)     # None: one device, the unsharded path
+    shd.batch_size_per_shard(mesh, tc.batch_size, tc.grad_accum_steps)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run_log = RunLog(tc, log)
+    if tc.deterministic:  # the CLI already set it before JAX started; a library caller is warned if too late
+        applied = use_deterministic_ops()
+        run_log.say(f"deterministic: XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}"
+                    + ("" if applied else " (set too late)"))
+    tokenizer, train_data, validation = load_run_data(run, run_log.say)
+    checkpoints = Checkpointer(out / rundir.CHECKPOINTS, keep=tc.keep_checkpoints)
+    rows = shd.process_rows(mesh, tc.batch_size)          # this process's pairs of each global batch
+    batches = BatchIterator(train_data, tc.batch_size, seed=tc.seed, group_by_length=tc.group_by_length,
+                            pad_multiple=tc.pad_multiple, rows=None if rows == (0, tc.batch_size) else rows)
+    state, resume_step = resume_or_init(run, out, checkpoints, batches, mesh, init_model, run_log)
+    if mesh is not None:  # every process says which rows it loads
+        run_log.say(f"mesh data={tc.mesh_data} x fsdp={tc.mesh_fsdp} over {jax.device_count()} devices, "
+                    f"{jax.process_count()} process(es); this process loads pairs "
+                    f"{rows[0]}..{rows[1] - 1} of each batch", every_process=True)
+    run_log.open(out / rundir.METRICS, resume_step)
+    loop = _Loop(run, mesh, batches, checkpoints, run_log)
+    state = loop.steps(state, validation)
+    return _finish(loop, state, out, tokenizer, len(train_data), validation, started)

@@ -1,0 +1,249 @@
+"""The compiled steps: train_step(state, batch) -> (state, metrics), eval_step(params, batch).
+
+One batch layout for both steps, on one device and on a mesh, as jaxrm.sharding.shard_batch
+makes it from the data layer's batches:
+    input_ids  (2, B, T) int32: [0] the chosen rows, [1] the rejected rows of the same B pairs
+    margins    (B,) float32
+    lengths    (2, B) int32, each row's number of real tokens (read with TrainConfig.lengths="explicit")
+Inside, the model and the loss see the original's rows: (2B, T), chosen rows then rejected rows.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import checkify
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxrm import sharding as shd
+from jaxrm.config import ModelConfig, TrainConfig
+from jaxrm.loss import identical_pairs, loss_denominators, pairwise_loss, reduce_loss
+from jaxrm.metrics import pair_metrics
+from jaxrm.optim import learning_rate, make_optimizer
+from jaxrm.state import TrainState, abstract_train_state, model_graphdef
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite step, a fault found by debug checks, another run's
+    checkpoint); the message says where and what to do."""
+
+
+# -----------------------------------------------------------------------------
+# the batch: the steps' layout -> the loss's rows
+
+def pair_rows(batch: dict) -> dict:
+    """input_ids (2, B, T) -> (2B, T) chosen rows then rejected rows; lengths (2, B) -> (2B,);
+    margins (B,) unchanged."""
+    ids = batch["input_ids"]
+    rows = {"input_ids": ids.reshape(-1, ids.shape[-1]), "margins": batch["margins"]}  # (2B, T)
+    if batch.get("lengths") is not None:
+        rows["lengths"] = batch["lengths"].reshape(-1)  # (2B,)
+    return rows
+
+
+def micro_batches(batch: dict, k: int) -> dict:
+    """k micro-batches of whole pairs, each in the loss's rows: input_ids (k, 2B/k, T), micro-batch
+    i holding the i-th B/k chosen rows then their rejected rows; lengths (k, 2B/k); margins (k, B/k)."""
+    rows = pair_rows(batch)
+    B = rows["input_ids"].shape[0] // 2
+
+    def split(x):  # (2B, ...) -> (k, 2B/k, ...)
+        chosen = x[:B].reshape(k, B // k, *x.shape[1:])     # (k, B/k, ...)
+        rejected = x[B:].reshape(k, B // k, *x.shape[1:])   # (k, B/k, ...)
+        return jnp.concatenate([chosen, rejected], axis=1)
+
+    micro = {"input_ids": split(rows["input_ids"]), "margins": rows["margins"].reshape(k, B // k)}  # (k, B/k)
+    if "lengths" in rows:
+        micro["lengths"] = split(rows["lengths"])
+    return micro
+
+
+def _check_layout(batch: dict, tc: TrainConfig) -> None:
+    """Trace-time checks that the batch has the steps' layout (module docstring)."""
+    shape = batch["input_ids"].shape
+    if len(shape) != 3 or shape[0] != 2:
+        raise ValueError(f"a step takes input_ids (2, B, T): the chosen and the rejected rows of B pairs "
+                         f"(jaxrm.sharding.shard_batch makes them from a (2B, T) batch); got {shape}")
+    if tc.lengths == "explicit" and batch.get("lengths") is None:
+        raise ValueError('lengths="explicit" needs batches with "lengths" ((2, B) int32, each row\'s length)')
+
+
+def _loss_options(tc: TrainConfig, rows: dict) -> dict:
+    return dict(loss_type=tc.loss_type, margins=rows["margins"] if tc.use_margins else None,
+                center_rewards_coef=tc.center_rewards_coef, normalize_by=tc.normalize_by,
+                lengths=rows.get("lengths") if tc.lengths == "explicit" else None)
+
+
+# -----------------------------------------------------------------------------
+# the train step
+
+def _apply_interleaved(model, ids, key, dropout: bool, pairs_sharding):
+    """Rewards (2b, T), chosen rows then rejected, of rows `ids` (2b, T) in that order. The model
+    runs on the pairs interleaved (chosen_0, rejected_0, chosen_1, ...), on one device too, so that
+    a mesh splitting the batch by pair draws the same dropout masks (hashed from element indices)."""
+    n, T = ids.shape
+    pairs = ids.reshape(2, n // 2, T).swapaxes(0, 1).reshape(n, T)  # (2, b, T) -> (b, 2, T) -> (2b, T)
+    if pairs_sharding is not None:
+        pairs = jax.lax.with_sharding_constraint(pairs, pairs_sharding)
+    rewards = model(pairs, deterministic=not dropout, rngs=nnx.Rngs(dropout=key))
+    return rewards.reshape(n // 2, 2, T).swapaxes(0, 1).reshape(n, T)  # (b, 2, T) -> (2, b, T) -> (2b, T)
+
+
+def _make_objective(model_config: ModelConfig, tc: TrainConfig, mesh):
+    """objective(params, rows, key, denominators) -> (loss, PairwiseOutput) of one micro-batch
+    (rows: the loss's layout); its loss is its share of the whole batch's, normalized with the
+    whole batch's denominators (jaxrm.loss.loss_denominators)."""
+    graphdef = model_graphdef(model_config)
+    pairs_sharding = None if mesh is None else NamedSharding(mesh, P(shd.BATCH_AXES))
+
+    def objective(params, rows, key, denominators):
+        model = nnx.merge(graphdef, params)
+        rewards = _apply_interleaved(model, rows["input_ids"], key, model_config.has_dropout, pairs_sharding)
+        out = pairwise_loss(rewards, rows["input_ids"], model_config.pad_id, **_loss_options(tc, rows))
+        return reduce_loss(out.per_pair_loss, out.centered, *denominators, tc.center_rewards_coef), out
+
+    return objective
+
+
+def _gradients(grad_fn, params, batch: dict, key, denominators, k: int):
+    """(loss, per-pair outputs, gradient) of the whole batch. With k > 1 the sum over k micro-batches
+    (lax.scan; micro-batch i draws dropout with fold_in(key, i)), exact: every micro-batch's terms
+    are divided by the whole batch's denominators."""
+    if k == 1:
+        (loss, out), grads = grad_fn(params, pair_rows(batch), key, denominators)
+        return loss, out, grads
+
+    def add(grads, xs):
+        micro, i = xs
+        (value, out), g = grad_fn(params, micro, jax.random.fold_in(key, i), denominators)
+        return jax.tree.map(jnp.add, grads, g), (value, out)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (values, outs) = jax.lax.scan(add, zeros, (micro_batches(batch, k), jnp.arange(k)))
+    # per-pair fields (k, B/k) -> (B,) in pair order; the scalar fields (summed) are not read
+    out = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]) if x.ndim > 1 else x.sum(), outs)
+    return values.sum(), out, grads
+
+
+def _update_if_finite(state: TrainState, grads, loss, tc: TrainConfig):
+    """(new state, gradient norm, finite): AdamW's update of params and optimizer state, kept only
+    when the loss and the gradient norm are finite; the step count advances either way."""
+    grad_norm = optax.tree.norm(grads)
+    optimizer = make_optimizer(tc, state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                           opt_state=keep(opt_state, state.opt_state), rng=state.rng)
+    return new_state, grad_norm, finite
+
+
+def make_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh=None):
+    """jit(train_step)(state, batch) -> (state, metrics), the state donated; batch in the steps'
+    layout (module docstring). metrics: loss, grad_norm, lr, finite and jaxrm.metrics.pair_metrics.
+
+    With grad_accum_steps = k the batch is cut into k micro-batches of whole pairs and the
+    gradient is the exact full-batch gradient. A step whose loss or gradient norm is not finite
+    leaves params and optimizer state untouched and reports finite=False.
+
+    With a `mesh` (jaxrm.sharding.make_mesh) the state must be placed with
+    jaxrm.sharding.shard_state and the batch with jaxrm.sharding.shard_batch (sharded on the pair
+    axis, so each device holds whole pairs). Dropout masks are a function of each element's index
+    in the interleaved pairs, so a sharded run computes the same function as one device.
+    """
+    tc, k = train_config, train_config.grad_accum_steps
+    if mesh is not None:
+        shd.batch_size_per_shard(mesh, tc.batch_size, k)
+    grad_fn = jax.value_and_grad(_make_objective(model_config, tc, mesh), has_aux=True)
+
+    def train_step(state: TrainState, batch: dict):
+        _check_layout(batch, tc)
+        rows = pair_rows(batch)
+        lengths = _loss_options(tc, rows)["lengths"]
+        identical = identical_pairs(rows["input_ids"], model_config.pad_id, lengths)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        loss, out, grads = _gradients(grad_fn, state.params, batch, key,
+                                      loss_denominators(identical, tc.normalize_by), k)
+        new_state, grad_norm, finite = _update_if_finite(state, grads, loss, tc)
+        lr = learning_rate(state.step, peak=tc.learning_rate, min_lr=tc.min_lr,
+                           warmup_steps=tc.warmup_steps, decay_steps=tc.decay_steps)
+        stats = pair_metrics(out.chosen_end_scores, out.rejected_end_scores, out.identical, loss)
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite, **stats}
+
+    if mesh is None:
+        return _jit_step(train_step, tc)
+    state_shardings = shd.state_shardings(abstract_train_state(model_config, tc), mesh)
+    batch_shardings = shd.batch_shardings(mesh, lengths=tc.lengths == "explicit")
+    return _jit_step(train_step, tc, in_shardings=(state_shardings, batch_shardings),
+                     out_shardings=(state_shardings, NamedSharding(mesh, P())))
+
+
+# -----------------------------------------------------------------------------
+# compiling it, with TrainConfig.debug_checks
+
+def _jit_step(train_step, tc: TrainConfig, **shardings):
+    """jit(train_step) with the state donated; with tc.debug_checks, a host-side wrapper around it
+    that raises TrainingError naming the step and the fault (one device sync per step: debugging only).
+
+    checkify: the step runs under jax.experimental.checkify with index (out-of-range gathers, e.g. a
+    token id >= vocab_size, which the model otherwise turns into NaN), NaN, division and user checks.
+    nans: the step runs with jax_debug_nans (no donation: on a NaN JAX re-runs the step op by op).
+    """
+    if tc.debug_checks == "off":
+        return jax.jit(train_step, donate_argnums=0, **shardings)
+    if tc.debug_checks == "nans":
+        return _debug_nans_step(jax.jit(train_step, **shardings))
+    return _checkified_step(train_step, shardings)
+
+
+def _debug_nans_step(step):
+    def debug_nans_step(state, batch):
+        number = int(np.asarray(state.step.addressable_shards[0].data)) + 1
+        try:
+            with jax.debug_nans(True):
+                return step(state, batch)
+        except (FloatingPointError, ValueError) as e:  # ValueError: the op-by-op re-run's input checks
+            raise TrainingError(f"debug_checks=nans: step {number}: {type(e).__name__}: {e}") from None
+    return debug_nans_step
+
+
+def _checkified_step(train_step, shardings: dict):
+    errors = checkify.index_checks | checkify.nan_checks | checkify.div_checks | checkify.user_checks
+    if "out_shardings" in shardings:  # the error value is replicated, like the metrics
+        out = shardings["out_shardings"]
+        shardings = {**shardings, "out_shardings": (out[1], out)}
+    step = jax.jit(checkify.checkify(train_step, errors=errors), donate_argnums=0, **shardings)
+
+    def checkified_step(state, batch):
+        err, (new_state, metrics) = step(state, batch)
+        try:
+            err.throw()
+        except checkify.JaxRuntimeError as e:
+            number = int(np.asarray(new_state.step.addressable_shards[0].data))
+            raise TrainingError(f"debug_checks=checkify: step {number}: {str(e).strip()}") from None
+        return new_state, metrics
+    return checkified_step
+
+
+# -----------------------------------------------------------------------------
+# the eval step
+
+def make_eval_step(model_config: ModelConfig, train_config: TrainConfig):
+    """jit(eval_step)(params, batch) -> per-pair (B,) arrays: "chosen" and "rejected" end scores,
+    "identical" flags, "loss" terms and "centered" terms (jaxrm.evaluate reduces them); batch in
+    the steps' layout (module docstring); no dropout."""
+    graphdef = model_graphdef(model_config)
+
+    def eval_step(params, batch):
+        _check_layout(batch, train_config)
+        rows = pair_rows(batch)
+        rewards = nnx.merge(graphdef, params)(rows["input_ids"], deterministic=True)
+        out = pairwise_loss(rewards, rows["input_ids"], model_config.pad_id,
+                            **_loss_options(train_config, rows))
+        return {"chosen": out.chosen_end_scores, "rejected": out.rejected_end_scores,
+                "identical": out.identical, "loss": out.per_pair_loss, "centered": out.centered}
+
+    return jax.jit(eval_step)
