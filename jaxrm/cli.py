@@ -6,8 +6,6 @@ import json
 import pathlib
 import sys
 
-from jaxrm.config import COORDINATOR_TIMEOUT_S
-
 EPILOG = """examples:
   jaxrm train                                   # the default preset on the bundled human-rated pairs
   jaxrm train --preset tiny --out runs/t --max_steps=20 --learning_rate=1e-3
@@ -147,7 +145,8 @@ def _read_texts(path: str) -> list[str]:
 
 def cmd_lint(args, extra) -> int:
     """A data report (jaxrm/lint.py); exit code 1 when training would refuse the data."""
-    from jaxrm.formats import Columns, load_pairs
+    from jaxrm.data import load_pairs
+    from jaxrm.formats import Columns
     from jaxrm.lint import format_report, lint_pairs
     from jaxrm.tokenizer import get_tokenizer
 
@@ -189,25 +188,11 @@ def cmd_convert(args, extra) -> int:
 
 
 def cmd_bench(args, extra) -> int:
-    """`python -m benchmarks`, from the checkout this jaxrm lives in (the wheel has no benchmarks)."""
-    root = pathlib.Path(__file__).resolve().parents[1]
-    if (root / "benchmarks" / "run.py").is_file() and str(root) not in sys.path:
-        sys.path.append(str(root))  # pip install -e installs jaxrm and torchref only
-    try:
-        from benchmarks.run import main as bench_main  # not a jaxrm module: present in a checkout only
-    except ModuleNotFoundError as e:
-        if e.name not in ("benchmarks", "benchmarks.run"):
-            raise
-        print("jaxrm bench: the benchmarks are not installed with jaxrm; from a checkout of the "
-              "repository run `python -m benchmarks` (same flags)", file=sys.stderr)
-        return 2
+    from jaxrm.bench import main as bench_main
     return bench_main((["--quick"] if args.quick else []) + (["--json", args.json] if args.json else []) + extra)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxrm", description="Reward-model training for RLHF in JAX.",
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a reward model (resumes if --out has checkpoints)")
     p.add_argument("--preset", help="base (default, ~10 min on 2 CPU cores) | tiny | small | gpt2")
     p.add_argument("--data", help="preference pairs: .jsonl, .json, .csv or .parquet, or a saved HF datasets "
@@ -222,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--process-id", type=int, default=0)
     g.add_argument("--distributed", action="store_true",
                    help="jax.distributed with cluster auto-detection (SLURM, Open MPI, TPU pods, JAX_* variables)")
-    g.add_argument("--init-timeout", type=int, default=COORDINATOR_TIMEOUT_S, metavar="SECONDS",
-                   help=f"give up joining the coordinator after this long (default {COORDINATOR_TIMEOUT_S})")
+    g.add_argument("--init-timeout", type=int, default=300, metavar="SECONDS",
+                   help="give up joining the coordinator after this long (default 300)")
     g = p.add_argument_group("reliability (README: Reliability)")
     g.add_argument("--deterministic", nargs="?", const="true", metavar="BOOL",
                    help="bit-reproducible GPU runs: adds --xla_gpu_deterministic_ops=true "
@@ -233,18 +218,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkify: run each step under jax.experimental.checkify (out-of-range indices, NaNs, "
                         "division by zero) and stop naming the step; nans: jax_debug_nans. Slower; for debugging")
     p.set_defaults(func=cmd_train, extra_ok=True)
+
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="pairwise accuracy, loss and reward statistics of a trained run")
     p.add_argument("run_dir")
     p.add_argument("--data", help="a pair file (or saved HF datasets DIR[:SPLIT]) instead of a bundled split")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
+
+
+def _add_score(sub) -> None:
     p = sub.add_parser("score", help="rewards of texts, as JSON Lines")
     p.add_argument("run_dir")
     p.add_argument("texts", nargs="*")
     p.add_argument("--input", help="JSON Lines with a \"text\" field per line")
     p.add_argument("--prompt", help="prefix for every text (default: the bundled data's \"Sentence: \")")
     p.set_defaults(func=cmd_score)
+
+
+def _add_lint(sub) -> None:
     p = sub.add_parser("lint", help="data report: lengths, identical / truncated / empty pairs, PAD or "
                                     "end-of-text inside texts, divergence at 0, duplicates")
     p.add_argument("data")
@@ -258,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as train's --lengths: with explicit, a PAD / end-of-text id inside a text is not an error")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_lint)
+
+
+def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="export a run's weights as a torchref state_dict (.safetensors)")
     p.add_argument("src")
     p.add_argument("dst")
@@ -265,10 +262,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchref: one .safetensors state_dict; hf-seq-cls: a transformers "
                         "GPT2ForSequenceClassification directory")
     p.set_defaults(func=cmd_convert)
-    p = sub.add_parser("bench", help="throughput, MFU and memory of jaxrm vs torchref (python -m benchmarks)")
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="throughput, MFU and memory of jaxrm vs torchref")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json")
     p.set_defaults(func=cmd_bench, extra_ok=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxrm", description="Reward-model training for RLHF in JAX.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_score(sub)
+    _add_lint(sub)
+    _add_convert(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -283,7 +295,7 @@ def main(argv=None) -> int:
     if extra and not getattr(args, "extra_ok", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from jaxrm.checkpoint import CheckpointError
-    from jaxrm.formats import DataError
+    from jaxrm.data import DataError
     from jaxrm.loop import Preempted, TrainingError
     try:
         return args.func(args, extra)
