@@ -13,6 +13,7 @@ DTYPES = ("float32", "bfloat16")
 ATTENTIONS = ("auto", "blocked", "sdpa")
 REMATS = ("auto", "none", "attention", "block")
 SCAN_LAYERS = ("auto", "on", "off")
+INIT_STD = 0.02  # normal(0, 0.02): the seed's init of every Linear and Embedding weight
 
 
 @dataclass(frozen=True)
