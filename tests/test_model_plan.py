@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from jaxrm import kernels
-from jaxrm.plan import execution_plan, host_memory, stored_activation_bytes
+from jaxrm.plan import devices_of, execution_plan, host_memory, stored_activation_bytes
 from jaxrm import ModelConfig, RewardModel, pairwise_loss
 
 CONFIG = ModelConfig(vocab_size=97, d_model=32, block_size=16, num_heads=4, dff=64, num_layer=2, attention_block=4)
@@ -92,3 +92,38 @@ def test_bad_plan_values_are_named():
         ModelConfig(remat="sometimes")
     with pytest.raises(ValueError, match="attention_block"):
         ModelConfig(attention_block=-1)
+
+
+class FakeAccelerator:
+    """Stands in for a GPU in the plan's decision (only .platform and .memory_stats() are read)."""
+
+    platform = "gpu"
+
+    def __init__(self, bytes_limit):
+        self.bytes_limit = bytes_limit
+
+    def memory_stats(self):
+        return {"bytes_limit": self.bytes_limit}
+
+
+def test_plan_follows_the_devices_not_the_host():
+    cpu = execution_plan(CONFIG, 4, 12, jax.devices("cpu"))
+    assert (cpu.attention, cpu.cpu_layouts) == ("blocked", True)
+    gpu = execution_plan(CONFIG, 4, 12, [FakeAccelerator(80 * 2**30)])
+    assert (gpu.attention, gpu.cpu_layouts, gpu.remat, gpu.scan_layers) == ("sdpa", False, "none", False)
+    assert execution_plan(CONFIG.replace(attention="blocked"), 4, 12, [FakeAccelerator(80 * 2**30)]).attention == "blocked"
+    gpt2 = ModelConfig()
+    need = stored_activation_bytes(gpt2, 64, 1024)
+    small = [FakeAccelerator(int(need / 0.15 / 4) - 1)] * 4  # together just too small: recompute
+    assert execution_plan(gpt2, 64, 1024, small).remat == "block"
+    large = [FakeAccelerator(int(need / 0.15 / 4) + 2**20)] * 4  # spread over 4 devices it fits
+    assert execution_plan(gpt2, 64, 1024, large).remat == "none"
+
+
+def test_the_model_takes_its_plan_from_the_ids_device():
+    model = RewardModel(CONFIG, rngs=nnx.Rngs(0))
+    ids = jax.device_put(jnp.asarray(np.random.default_rng(0).integers(0, 96, size=(2, 8)), jnp.int32),
+                         jax.devices("cpu")[0])
+    assert devices_of(ids) == {jax.devices("cpu")[0]} and devices_of(np.asarray(ids)) is None
+    explicit = model(ids, plan=execution_plan(CONFIG.replace(scan_layers="on"), 2, 8, jax.devices("cpu")))
+    np.testing.assert_allclose(np.asarray(explicit), np.asarray(model(ids)), atol=1e-6)
