@@ -17,8 +17,10 @@ from benchmarks.cases import Case, model_config
 # every jaxrm name this file uses, in one place
 from jaxrm.config import TrainConfig
 from jaxrm.loss import sequence_ends
-from jaxrm.model import RewardModel, execution_plan
-from jaxrm.train import abstract_train_state, init_train_state, make_train_step
+from jaxrm.model import RewardModel
+from jaxrm.plan import execution_plan
+from jaxrm.state import abstract_train_state, init_train_state
+from jaxrm.step import make_train_step
 
 
 def _compile_ahead(jitted, *args):
@@ -31,8 +33,8 @@ def _compile_ahead(jitted, *args):
 
 def _plan(cfg, case: Case) -> dict:
     """The execution plan jaxrm picks for this case's (2 * pairs, T) input."""
-    scan, remat = execution_plan(cfg, 2 * case.pairs, case.T)
-    return {"scan_layers": scan, "remat": remat}
+    plan = execution_plan(cfg, 2 * case.pairs, case.T)
+    return {"scan_layers": plan.scan_layers, "remat": plan.remat}
 
 
 def _prepare_train(cfg, case: Case, jbatch: dict):
