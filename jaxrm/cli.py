@@ -185,7 +185,18 @@ def cmd_convert(args, extra) -> int:
 
 
 def cmd_bench(args, extra) -> int:
-    from jaxrm.bench import main as bench_main
+    """`python -m benchmarks`, from the checkout this jaxrm lives in (the wheel has no benchmarks)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    if (root / "benchmarks" / "run.py").is_file() and str(root) not in sys.path:
+        sys.path.append(str(root))  # pip install -e installs jaxrm and torchref only
+    try:
+        from benchmarks.run import main as bench_main  # not a jaxrm module: present in a checkout only
+    except ModuleNotFoundError as e:
+        if e.name not in ("benchmarks", "benchmarks.run"):
+            raise
+        print("jaxrm bench: the benchmarks are not installed with jaxrm; from a checkout of the "
+              "repository run `python -m benchmarks` (same flags)", file=sys.stderr)
+        return 2
     return bench_main((["--quick"] if args.quick else []) + (["--json", args.json] if args.json else []) + extra)
 
 
@@ -250,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchref: one .safetensors state_dict; hf-seq-cls: a transformers "
                         "GPT2ForSequenceClassification directory")
     p.set_defaults(func=cmd_convert)
-    p = sub.add_parser("bench", help="throughput, MFU and memory of jaxrm vs torchref")
+    p = sub.add_parser("bench", help="throughput, MFU and memory of jaxrm vs torchref (python -m benchmarks)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json")
     p.set_defaults(func=cmd_bench, extra_ok=True)
