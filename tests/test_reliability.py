@@ -23,7 +23,7 @@ from jaxrm.checkpoint import (MANIFEST, CheckpointError, Checkpointer, CorruptCh
 from jaxrm.config import RunConfig, TrainConfig
 from jaxrm.data import DataError, load_pairs
 from jaxrm.train import abstract_train_state, fit
-from tests.test_train import make_run, weights, write_pairs
+from tests.conftest import make_run, weights, write_pairs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
