@@ -20,6 +20,7 @@ from jaxrm.loss import pairwise_loss
 from jaxrm.model import RewardModel
 from jaxrm.tokenizer import GPT2Tokenizer
 from jaxrm.train import _micro_batches, evaluate, init_train_state, make_eval_step, make_train_step, split_model
+from tests.conftest import MODEL as BYTE_MODEL, write_pairs
 
 GPT2 = GPT2Tokenizer()
 EOT = GPT2.eot_id  # 50256 = the PAD id of a vocab_size=50257 model
@@ -127,7 +128,6 @@ def test_default_mode_is_unchanged_when_no_pad_is_inside_a_text():
     import tempfile
 
     from jaxrm.tokenizer import ByteTokenizer
-    from tests.test_train import MODEL as BYTE_MODEL, write_pairs
     with tempfile.TemporaryDirectory() as d:
         pairs = load_pairs(write_pairs(os.path.join(d, "p.jsonl")))
     data = encode_pairs(pairs, ByteTokenizer(), seq_len=32, pad_id=256, vocab_size=257)[0]

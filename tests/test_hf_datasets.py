@@ -8,7 +8,7 @@ import pytest
 
 from jaxrm.data import DataError, PreferencePair, load_pairs
 from jaxrm.formats import Columns
-from tests.test_formats import EXPECTED, ROWS
+from tests.conftest import EXPECTED, ROWS
 
 
 def save(rows, path, **splits):
