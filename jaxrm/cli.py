@@ -142,8 +142,7 @@ def _read_texts(path: str) -> list[str]:
 
 def cmd_lint(args, extra) -> int:
     """A data report (jaxrm/lint.py); exit code 1 when training would refuse the data."""
-    from jaxrm.data import load_pairs
-    from jaxrm.formats import Columns
+    from jaxrm.formats import Columns, load_pairs
     from jaxrm.lint import format_report, lint_pairs
     from jaxrm.tokenizer import get_tokenizer
 
@@ -268,7 +267,7 @@ def main(argv=None) -> int:
     if extra and not getattr(args, "extra_ok", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from jaxrm.checkpoint import CheckpointError
-    from jaxrm.data import DataError
+    from jaxrm.formats import DataError
     from jaxrm.train import Preempted, TrainingError
     try:
         return args.func(args, extra)

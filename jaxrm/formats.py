@@ -1,4 +1,4 @@
-"""Preference files in the formats users have -> PreferencePair lists (called by data.load_pairs).
+"""Preference files in the formats users have -> PreferencePair lists (load_pairs); the pair types.
 
 Files, by name:
     *.jsonl, *.jsonl.gz (and any other name: JSON Lines)   one JSON object per line
@@ -34,13 +34,49 @@ import json
 import math
 import pathlib
 import zlib
-from dataclasses import dataclass, fields
-
-from jaxrm.data import DataError, PreferencePair
+from dataclasses import dataclass, field, fields
 
 FLOAT32_MAX = 3.4028234663852886e38
 ROLE_NAMES = {"user": "Human", "human": "Human", "assistant": "Assistant", "system": "System"}
 CHAT_TEMPLATE = "\n\n{role}: {content}"
+
+
+class DataError(ValueError):
+    """Bad preference data; the message names the file / line or pair and what is wrong."""
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+    margin: float | None = None
+    line: int | None = field(default=None, compare=False, repr=False)  # 1-based line (JSONL) or row
+    chosen_ids: tuple | None = None  # pre-tokenized sequences: used instead of encode(prompt + answer)
+    rejected_ids: tuple | None = None
+
+
+def pair_location(source: str, i: int, pair, with_index: bool = False) -> str:
+    """Where pair i is: "FILE:LINE" (+ " (pair i)" with_index) when it knows its line, else "FILE: pair i"."""
+    line = getattr(pair, "line", None)
+    if not line:
+        return f"{source}: pair {i}"
+    return f"{source}:{line} (pair {i})" if with_index else f"{source}:{line}"
+
+
+def common_prefix_len(a, b) -> int:
+    """How many leading items (characters, token ids) two sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def is_float32(value) -> bool:
+    """A finite number within float32 range (batches hold margins as float32); False for NaN / inf."""
+    return abs(value) <= FLOAT32_MAX
 
 
 @dataclass(frozen=True)
@@ -79,11 +115,7 @@ def render_chat(messages, where: str, key: str) -> str:
 def split_common_prefix(a: str, b: str) -> tuple[str, str, str]:
     """(prompt, a_answer, b_answer): the longest common prefix, cut back to position 0 or to just
     after a whitespace character."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
+    n = common_prefix_len(a, b)
     while n > 0 and not a[n - 1].isspace():
         n -= 1
     return a[:n], a[n:], b[n:]
@@ -154,7 +186,7 @@ def _margin(obj, key, where):
         value = float(value)
     except OverflowError:  # an int beyond float range
         value = math.inf
-    if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):  # batches hold margins as float32
+    if not is_float32(value):
         raise DataError(f"{where}: {key!r} must be a finite number within float32 range "
                         f"(|margin| <= {FLOAT32_MAX:.4g}), got {str(value)[:40]}")
     return value
@@ -357,7 +389,10 @@ def _hf_dataset(path: pathlib.Path, split: str | None, cols: Columns):
             yield row_to_pair(dict(zip(batch, values)), f"{where}: row {row}", row, cols)
 
 
-def read_pairs(path, cols: Columns | None = None) -> list[PreferencePair]:
+def load_pairs(path, cols: Columns | None = None) -> list[PreferencePair]:
+    """Pairs from a JSON Lines / JSON / CSV / Parquet file (by name), or a saved Hugging Face
+    `datasets` directory ("DIR", or "DIR:SPLIT" for a DatasetDict); rows as in this module's
+    docstring. `cols`: other column names."""
     path, split = dataset_dir_and_split(path)
     if path.is_dir():
         name = f"{path}:{split}" if split else str(path)
