@@ -6,6 +6,8 @@ import json
 import pathlib
 import sys
 
+from jaxrm.config import COORDINATOR_TIMEOUT_S
+
 EPILOG = """examples:
   jaxrm train                                   # the default preset on the bundled human-rated pairs
   jaxrm train --preset tiny --out runs/t --max_steps=20 --learning_rate=1e-3
@@ -206,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--process-id", type=int, default=0)
     g.add_argument("--distributed", action="store_true",
                    help="jax.distributed with cluster auto-detection (SLURM, Open MPI, TPU pods, JAX_* variables)")
-    g.add_argument("--init-timeout", type=int, default=300, metavar="SECONDS",
-                   help="give up joining the coordinator after this long (default 300)")
+    g.add_argument("--init-timeout", type=int, default=COORDINATOR_TIMEOUT_S, metavar="SECONDS",
+                   help=f"give up joining the coordinator after this long (default {COORDINATOR_TIMEOUT_S})")
     g = p.add_argument_group("reliability (README: Reliability)")
     g.add_argument("--deterministic", nargs="?", const="true", metavar="BOOL",
                    help="bit-reproducible GPU runs: adds --xla_gpu_deterministic_ops=true "
