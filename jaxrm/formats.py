@@ -144,14 +144,13 @@ def _unicode(value: str, where: str, key: str) -> str:
     return value
 
 
-def _text(obj, key, where, *, required=True):
+def _text(obj, key, where) -> str:
+    """obj[key] as text: a string, or chat messages rendered with CHAT_TEMPLATE."""
     value = obj.get(key)
     if isinstance(value, list):
-        return _unicode(render_chat(value, where, key), where, key), True
+        return _unicode(render_chat(value, where, key), where, key)
     if isinstance(value, str):
-        return _unicode(value, where, key), False
-    if value is None and not required:
-        return None, False
+        return _unicode(value, where, key)
     raise DataError(f"{where}: {key!r} must be a string or a list of chat messages, got {type(value).__name__}")
 
 
@@ -192,37 +191,40 @@ def _margin(obj, key, where):
     return value
 
 
+def _pre_tokenized(keys, cols: Columns) -> bool:
+    """Rows with either ids column are read as pre-tokenized (their text columns are optional)."""
+    return cols.chosen_ids in keys or cols.rejected_ids in keys
+
+
+def _missing(keys, cols: Columns) -> list[str]:
+    """The required columns (both ids, or both answers) that `keys` lacks."""
+    need = (cols.chosen_ids, cols.rejected_ids) if _pre_tokenized(keys, cols) else (cols.chosen, cols.rejected)
+    return [k for k in need if k not in keys]
+
+
 def row_to_pair(obj, where: str, row: int, cols: Columns = Columns()) -> PreferencePair:
     """One row (a dict) -> PreferencePair; errors name `where` and the key."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     margin = _margin(obj, cols.margin, where)
-    if cols.chosen_ids in obj or cols.rejected_ids in obj:
-        missing = [k for k in (cols.chosen_ids, cols.rejected_ids) if k not in obj]
-        if missing:
-            raise DataError(f"{where}: missing key(s) {', '.join(map(repr, missing))}; keys found: "
-                            f"{', '.join(map(repr, obj))}")
-        return PreferencePair("", "", "", margin, line=row,
-                              chosen_ids=_ids(obj, cols.chosen_ids, where),
-                              rejected_ids=_ids(obj, cols.rejected_ids, where))
-    missing = [k for k in (cols.chosen, cols.rejected) if k not in obj]
+    missing = _missing(obj, cols)
     if missing:
         raise DataError(f"{where}: missing key(s) {', '.join(map(repr, missing))}; keys found: "
                         f"{', '.join(map(repr, obj)) or 'none'}")
-    chosen, _ = _text(obj, cols.chosen, where)
-    rejected, _ = _text(obj, cols.rejected, where)
+    if _pre_tokenized(obj, cols):
+        return PreferencePair("", "", "", margin, line=row,
+                              chosen_ids=_ids(obj, cols.chosen_ids, where),
+                              rejected_ids=_ids(obj, cols.rejected_ids, where))
+    chosen = _text(obj, cols.chosen, where)
+    rejected = _text(obj, cols.rejected, where)
     if cols.prompt in obj:
-        prompt, _ = _text(obj, cols.prompt, where)
+        prompt = _text(obj, cols.prompt, where)
         return PreferencePair(prompt, chosen, rejected, margin, line=row)
     prompt, chosen, rejected = split_common_prefix(chosen, rejected)
     return PreferencePair(prompt, chosen, rejected, margin, line=row)
 
 
 # ----------------------------------------------------------------------------- readers
-
-def _open_text(path: pathlib.Path):
-    return _Reader(path)
-
 
 class _Reader:
     """A file's bytes (gunzipped for .gz), by line or whole; a read that fails (a truncated or
@@ -262,18 +264,14 @@ def _decode(data: bytes, where: str) -> str:
 
 def _check_columns(path, found, cols: Columns):
     found = list(found)
-    if cols.chosen_ids in found or cols.rejected_ids in found:
-        need = (cols.chosen_ids, cols.rejected_ids)
-    else:
-        need = (cols.chosen, cols.rejected)
-    missing = [k for k in need if k not in found]
+    missing = _missing(found, cols)
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; columns found: "
                         f"{', '.join(map(repr, found)) or 'none'}")
 
 
 def _jsonl(path: pathlib.Path, cols: Columns):
-    with _open_text(path) as f:
+    with _Reader(path) as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             line = _decode(raw, where)
@@ -284,7 +282,7 @@ def _jsonl(path: pathlib.Path, cols: Columns):
 
 
 def _json(path: pathlib.Path, cols: Columns):
-    with _open_text(path) as f:
+    with _Reader(path) as f:
         text = _decode(f.read(), str(path))
     data = _loads(text, str(path))
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
@@ -297,7 +295,7 @@ def _json(path: pathlib.Path, cols: Columns):
 
 
 def _csv(path: pathlib.Path, cols: Columns):
-    with _open_text(path) as f:
+    with _Reader(path) as f:
         text = _decode(f.read(), str(path))
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if reader.fieldnames is None:
