@@ -6,6 +6,8 @@ import json
 import pathlib
 import sys
 
+from jaxrm.config import COORDINATOR_TIMEOUT_S
+
 EPILOG = """examples:
   jaxrm train                                   # the default preset on the bundled human-rated pairs
   jaxrm train --preset tiny --out runs/t --max_steps=20 --learning_rate=1e-3
@@ -142,8 +144,7 @@ def _read_texts(path: str) -> list[str]:
 
 def cmd_lint(args, extra) -> int:
     """A data report (jaxrm/lint.py); exit code 1 when training would refuse the data."""
-    from jaxrm.data import load_pairs
-    from jaxrm.formats import Columns
+    from jaxrm.formats import Columns, load_pairs
     from jaxrm.lint import format_report, lint_pairs
     from jaxrm.tokenizer import get_tokenizer
 
@@ -218,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--process-id", type=int, default=0)
     g.add_argument("--distributed", action="store_true",
                    help="jax.distributed with cluster auto-detection (SLURM, Open MPI, TPU pods, JAX_* variables)")
-    g.add_argument("--init-timeout", type=int, default=300, metavar="SECONDS",
-                   help="give up joining the coordinator after this long (default 300)")
+    g.add_argument("--init-timeout", type=int, default=COORDINATOR_TIMEOUT_S, metavar="SECONDS",
+                   help=f"give up joining the coordinator after this long (default {COORDINATOR_TIMEOUT_S})")
     g = p.add_argument_group("reliability (README: Reliability)")
     g.add_argument("--deterministic", nargs="?", const="true", metavar="BOOL",
                    help="bit-reproducible GPU runs: adds --xla_gpu_deterministic_ops=true "
@@ -279,7 +280,7 @@ def main(argv=None) -> int:
     if extra and not getattr(args, "extra_ok", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from jaxrm.checkpoint import CheckpointError
-    from jaxrm.data import DataError
+    from jaxrm.formats import DataError
     from jaxrm.train import Preempted, TrainingError
     try:
         return args.func(args, extra)

@@ -300,11 +300,11 @@ def _config_differences(saved: dict, run: RunConfig) -> list[str]:
 
 def load_split(run: RunConfig, tokenizer, path: str, source: str):
     """Pairs of a file, tokenized and padded to the run's seq_len; (EncodedPairs, stats)."""
-    from jaxrm.data import encode_pairs, load_pairs
+    from jaxrm.data import encode_pairs
     seq_len = run.train.seq_len or run.model.block_size
     if seq_len > run.model.block_size:
         raise ValueError(f"seq_len={seq_len} exceeds the model's block_size={run.model.block_size}")
-    from jaxrm.formats import Columns
+    from jaxrm.formats import Columns, load_pairs
     return encode_pairs(load_pairs(path, Columns.from_train_config(run.train)), tokenizer, seq_len=seq_len,
                         pad_id=run.model.pad_id,
                         vocab_size=run.model.vocab_size, truncation=run.train.truncation, source=source,

@@ -7,7 +7,7 @@ import numpy as np
 
 from jaxrm.checkpoint import load_safetensors
 from jaxrm.config import ModelConfig, RunConfig, TrainConfig
-from jaxrm.data import PreferencePair
+from jaxrm.formats import PreferencePair
 
 MODEL = ModelConfig(vocab_size=257, d_model=32, block_size=64, num_heads=4, dff=64, num_layer=2)
 

@@ -15,7 +15,8 @@ from flax import nnx
 from jaxrm import cli
 from jaxrm import sharding as shd
 from jaxrm.config import ModelConfig, RunConfig, TrainConfig
-from jaxrm.data import BatchIterator, DataError, encode_pairs, eval_batches, load_pairs
+from jaxrm.data import BatchIterator, encode_pairs, eval_batches
+from jaxrm.formats import DataError, load_pairs
 from jaxrm.loss import pairwise_loss
 from jaxrm.model import RewardModel
 from jaxrm.tokenizer import GPT2Tokenizer

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxrm.data import DataError, PreferencePair, encode_pairs, load_pairs
-from jaxrm.formats import Columns, split_common_prefix
+from jaxrm.data import encode_pairs
+from jaxrm.formats import Columns, DataError, PreferencePair, load_pairs, split_common_prefix
 from jaxrm.tokenizer import ByteTokenizer
 from tests.conftest import EXPECTED, ROWS
 

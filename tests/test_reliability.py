@@ -21,7 +21,7 @@ from jaxrm import checkpoint, cli
 from jaxrm.checkpoint import (MANIFEST, CheckpointError, Checkpointer, CorruptCheckpoint, load_safetensors,
                               save_safetensors)
 from jaxrm.config import RunConfig, TrainConfig
-from jaxrm.data import DataError, load_pairs
+from jaxrm.formats import DataError, load_pairs
 from jaxrm.train import abstract_train_state, fit
 from tests.conftest import make_run, weights, write_pairs
 
