@@ -19,7 +19,8 @@ from scipy.sparse import vstack
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from jaxrm.data import bundled_data_path, load_pairs
+from jaxrm.data import bundled_data_path
+from jaxrm.formats import load_pairs
 
 C_GRID = (0.3, 1.0, 3.0, 10.0, 30.0)
 

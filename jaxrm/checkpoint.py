@@ -28,7 +28,6 @@ import orbax.checkpoint as ocp
 
 MANIFEST = "jaxrm_manifest.json"
 TENSOR_SHA256 = "jaxrm.sha256"  # safetensors metadata key: {tensor name: sha256 of its bytes}
-PAUSE_ENV = "JAXRM_TEST_PAUSE_IN_SAVE"
 
 
 class CheckpointError(RuntimeError):
@@ -80,27 +79,6 @@ def check_manifest(step_dir: pathlib.Path) -> None:
             raise CorruptCheckpoint(f"{path}: sha256 differs from the one recorded when saved (file damaged)")
 
 
-def _pause_for_tests(point: str, step: int) -> None:
-    """Test hook: with JAXRM_TEST_PAUSE_IN_SAVE=DIR and a file DIR/POINT.STEP, the save of STEP stops at
-    POINT ("rename": Orbax's files written, not yet renamed; "manifest": renamed, no manifest yet),
-    renames the file to POINT.STEP.paused and sleeps, so a test can SIGKILL the process right there."""
-    request = pathlib.Path(os.environ.get(PAUSE_ENV, "")) / f"{point}.{step}"
-    if os.environ.get(PAUSE_ENV) and request.is_file():
-        request.rename(request.with_name(request.name + ".paused"))
-        time.sleep(3600)
-
-
-_saving = {"step": -1}  # the step being saved, for the "rename" test pause
-
-
-class _PausingTemporaryPath(ocp.path.atomicity.AtomicRenameTemporaryPath):
-    """Orbax's atomic-rename temporary directory, with the test pause before the rename."""
-
-    async def finalize(self, *args, **kwargs):
-        _pause_for_tests("rename", _saving["step"])
-        return await super().finalize(*args, **kwargs)
-
-
 def flatten(tree) -> dict:
     """{pytree path string: leaf}, e.g. "params['h'][0]['attn']['c_attn']['kernel']"."""
     return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
@@ -128,8 +106,7 @@ class Checkpointer:
         self.keep = keep
         self._verified: set[int] = set()
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            create=True, enable_async_checkpointing=False,  # no max_to_keep: we delete after the manifest
-            temporary_path_class=_PausingTemporaryPath if os.environ.get(PAUSE_ENV) else None))
+            create=True, enable_async_checkpointing=False))  # no max_to_keep: we delete after the manifest
 
     def step_dir(self, step: int) -> pathlib.Path:
         return self.directory / str(step)
@@ -184,14 +161,12 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: dict) -> None:
         """Save `step`, write its manifest, then delete complete steps beyond the newest `keep`."""
-        _saving["step"] = step
         threads = set(threading.enumerate())
         try:
             self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flatten(state)),
                                                             meta=ocp.args.JsonSave(meta)), force=True)
             self.manager.wait_until_finished()
             if jax.process_index() == 0:
-                _pause_for_tests("manifest", step)
                 write_manifest(self.step_dir(step))
         except Exception as e:  # disk full, permissions, ...: earlier steps stay intact
             previous = self.latest_step()

@@ -6,6 +6,8 @@ import json
 import pathlib
 import sys
 
+from jaxrm.config import COORDINATOR_TIMEOUT_S
+
 EPILOG = """examples:
   jaxrm train                                   # the default preset on the bundled human-rated pairs
   jaxrm train --preset tiny --out runs/t --max_steps=20 --learning_rate=1e-3
@@ -145,8 +147,7 @@ def _read_texts(path: str) -> list[str]:
 
 def cmd_lint(args, extra) -> int:
     """A data report (jaxrm/lint.py); exit code 1 when training would refuse the data."""
-    from jaxrm.data import load_pairs
-    from jaxrm.formats import Columns
+    from jaxrm.formats import Columns, load_pairs
     from jaxrm.lint import format_report, lint_pairs
     from jaxrm.tokenizer import get_tokenizer
 
@@ -188,7 +189,18 @@ def cmd_convert(args, extra) -> int:
 
 
 def cmd_bench(args, extra) -> int:
-    from jaxrm.bench import main as bench_main
+    """`python -m benchmarks`, from the checkout this jaxrm lives in (the wheel has no benchmarks)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    if (root / "benchmarks" / "run.py").is_file() and str(root) not in sys.path:
+        sys.path.append(str(root))  # pip install -e installs jaxrm and torchref only
+    try:
+        from benchmarks.run import main as bench_main  # not a jaxrm module: present in a checkout only
+    except ModuleNotFoundError as e:
+        if e.name not in ("benchmarks", "benchmarks.run"):
+            raise
+        print("jaxrm bench: the benchmarks are not installed with jaxrm; from a checkout of the "
+              "repository run `python -m benchmarks` (same flags)", file=sys.stderr)
+        return 2
     return bench_main((["--quick"] if args.quick else []) + (["--json", args.json] if args.json else []) + extra)
 
 
@@ -207,8 +219,8 @@ def _add_train(sub) -> None:
     g.add_argument("--process-id", type=int, default=0)
     g.add_argument("--distributed", action="store_true",
                    help="jax.distributed with cluster auto-detection (SLURM, Open MPI, TPU pods, JAX_* variables)")
-    g.add_argument("--init-timeout", type=int, default=300, metavar="SECONDS",
-                   help="give up joining the coordinator after this long (default 300)")
+    g.add_argument("--init-timeout", type=int, default=COORDINATOR_TIMEOUT_S, metavar="SECONDS",
+                   help=f"give up joining the coordinator after this long (default {COORDINATOR_TIMEOUT_S})")
     g = p.add_argument_group("reliability (README: Reliability)")
     g.add_argument("--deterministic", nargs="?", const="true", metavar="BOOL",
                    help="bit-reproducible GPU runs: adds --xla_gpu_deterministic_ops=true "
@@ -265,7 +277,7 @@ def _add_convert(sub) -> None:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="throughput, MFU and memory of jaxrm vs torchref")
+    p = sub.add_parser("bench", help="throughput, MFU and memory of jaxrm vs torchref (python -m benchmarks)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json")
     p.set_defaults(func=cmd_bench, extra_ok=True)
@@ -295,7 +307,7 @@ def main(argv=None) -> int:
     if extra and not getattr(args, "extra_ok", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from jaxrm.checkpoint import CheckpointError
-    from jaxrm.data import DataError
+    from jaxrm.formats import DataError
     from jaxrm.loop import Preempted, TrainingError
     try:
         return args.func(args, extra)

@@ -13,6 +13,7 @@ DTYPES = ("float32", "bfloat16")
 ATTENTIONS = ("auto", "blocked", "sdpa")
 REMATS = ("auto", "none", "attention", "block")
 SCAN_LAYERS = ("auto", "on", "off")
+INIT_STD = 0.02  # Linear and Embedding weights ~ normal(0, INIT_STD); c_proj's / sqrt(2 * num_layer)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,10 @@ def model_preset(name: str) -> ModelConfig:
 NONFINITE_POLICIES = ("stop", "skip")
 DEBUG_CHECKS = ("off", "checkify", "nans")  # TrainConfig.debug_checks (jaxrm/step.py)
 LENGTHS = ("first_pad", "explicit")  # TrainConfig.lengths: where a sequence ends
+LOSS_TYPES = ("span", "last_token")  # TrainConfig.loss_type (jaxrm/loss.py)
+NORMALIZE_BY = ("pairs", "nonidentical")  # TrainConfig.normalize_by: the loss's denominator
+TRUNCATIONS = ("drop", "error", "left")  # TrainConfig.truncation: over-long pairs (jaxrm/data.py)
+COORDINATOR_TIMEOUT_S = 300  # how long a process waits to join a multi-process job (jaxrm/sharding.py)
 # Pairs per evaluation batch (validation during training, `jaxrm eval`); results do not depend on it
 EVAL_BATCH_SIZE = 64
 
@@ -172,18 +177,11 @@ class TrainConfig:
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(f"TrainConfig.batch_size={self.batch_size} does not divide by "
                              f"grad_accum_steps={self.grad_accum_steps}")
-        if self.loss_type not in ("span", "last_token"):
-            raise ValueError(f"TrainConfig.loss_type must be 'span' or 'last_token', got {self.loss_type!r}")
-        if self.normalize_by not in ("pairs", "nonidentical"):
-            raise ValueError(f"TrainConfig.normalize_by must be 'pairs' or 'nonidentical', got {self.normalize_by!r}")
-        if self.debug_checks not in DEBUG_CHECKS:
-            raise ValueError(f"TrainConfig.debug_checks must be one of {DEBUG_CHECKS}, got {self.debug_checks!r}")
-        if self.nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"TrainConfig.nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
-        if self.truncation not in ("drop", "error", "left"):
-            raise ValueError(f"TrainConfig.truncation must be 'drop', 'error' or 'left', got {self.truncation!r}")
-        if self.lengths not in LENGTHS:
-            raise ValueError(f"TrainConfig.lengths must be one of {LENGTHS}, got {self.lengths!r}")
+        for name, choices in (("loss_type", LOSS_TYPES), ("normalize_by", NORMALIZE_BY),
+                              ("debug_checks", DEBUG_CHECKS), ("nonfinite", NONFINITE_POLICIES),
+                              ("truncation", TRUNCATIONS), ("lengths", LENGTHS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"TrainConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
         if not 0 <= self.min_lr <= self.learning_rate:
             raise ValueError(f"TrainConfig.min_lr={self.min_lr} must be in [0, learning_rate={self.learning_rate}]")
 

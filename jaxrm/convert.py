@@ -6,11 +6,15 @@ Embedding weight <-> embedding.
 """
 from __future__ import annotations
 
+import json
+import pathlib
+
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrm.config import ModelConfig
+from jaxrm.checkpoint import CheckpointError, load_safetensors, save_safetensors
+from jaxrm.config import INIT_STD, ModelConfig
 from jaxrm.model import RewardModel
 
 Path = tuple  # a path into the NNX state, e.g. ("h", 0, "attn", "c_attn", "kernel")
@@ -102,6 +106,12 @@ _CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
+def _is_conv1d_weight(key: str) -> bool:
+    """h.{i}.attn.c_attn.weight and the other weights HF GPT-2 stores as Conv1D (in, out)."""
+    parts = key.split(".")
+    return len(parts) == 5 and parts[0] == "h" and ".".join(parts[2:4]) in _CONV1D and parts[4] == "weight"
+
+
 def torch_load_weights_only(path):
     """torch.load(path, weights_only=True): tensors and plain containers only. A pickle that would
     import or call anything else is refused with a ConversionError (nothing of it runs)."""
@@ -129,8 +139,8 @@ def _strip_prefix(state_dict: dict, prefixes) -> dict:
 
 
 def _fresh_head(d_model: int, seed: int) -> np.ndarray:
-    """A reward head as torchref initializes it: normal(0, 0.02), shape (1, d_model)."""
-    return (np.random.default_rng(seed).standard_normal((1, d_model)) * 0.02).astype(np.float32)
+    """A reward head as torchref initializes it: normal(0, INIT_STD), shape (1, d_model)."""
+    return (np.random.default_rng(seed).standard_normal((1, d_model)) * INIT_STD).astype(np.float32)
 
 
 def _apply_overrides(base: ModelConfig, overrides: dict, source: str) -> ModelConfig:
@@ -190,7 +200,7 @@ def hf_gpt2_config(hf: dict, source: str = "config.json", **overrides) -> ModelC
 
 def hf_state_dict_to_torchref(sd: dict, config: ModelConfig, *, seed: int = 0, source: str = "checkpoint") -> dict:
     """HF GPT-2 keys (with or without "transformer.") -> torchref keys; LM head and mask buffers
-    dropped; `score.weight` becomes the reward head, else a fresh normal(0, 0.02) head."""
+    dropped; `score.weight` becomes the reward head, else a fresh normal(0, INIT_STD) head."""
     sd = _strip_prefix(sd, ("transformer.",))
     out = {}
     for key, value in sd.items():
@@ -203,8 +213,7 @@ def hf_state_dict_to_torchref(sd: dict, config: ModelConfig, *, seed: int = 0, s
                                       f"needs num_labels=1, i.e. shape (1, {config.d_model})")
             out["reward_head.weight"] = value
             continue
-        parts = key.split(".")
-        if len(parts) == 5 and parts[0] == "h" and ".".join(parts[2:4]) in _CONV1D and parts[4] == "weight":
+        if _is_conv1d_weight(key):
             value = _to_numpy(value).T  # Conv1D (in, out) -> Linear (out, in)
         out[key] = value
     out.setdefault("reward_head.weight", _fresh_head(config.d_model, seed))
@@ -212,10 +221,8 @@ def hf_state_dict_to_torchref(sd: dict, config: ModelConfig, *, seed: int = 0, s
 
 
 def _read_hf_weights(path):
-    import pathlib
     st, pt = path / "model.safetensors", path / "pytorch_model.bin"
     if st.is_file():
-        from jaxrm.checkpoint import CheckpointError, load_safetensors
         try:
             return load_safetensors(st)[0], st
         except CheckpointError as e:
@@ -235,9 +242,7 @@ def from_hf_gpt2(path, *, seed: int = 0, **config_overrides) -> RewardModel:
     The architecture comes from config.json (activation gelu_new -> "gelu_tanh"); overrides may
     change dropout, dtype, layer_norm_eps or crop block_size. The LM head is dropped; the reward
     head is `score.weight` of a GPT2ForSequenceClassification, else freshly initialized
-    (normal 0.02, `seed`)."""
-    import json
-    import pathlib
+    (normal INIT_STD, `seed`)."""
     path = pathlib.Path(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
@@ -258,7 +263,6 @@ def from_nanogpt(ckpt, *, seed: int = 0, source: str = "ckpt.pt", **config_overr
     "_orig_mod." prefix; `lm_head` and `attn.bias` buffers are dropped; bias=False models get
     zero biases (the same function); the reward head is freshly initialized. nanoGPT's GELU is
     the exact one, its LayerNorm eps 1e-5."""
-    import pathlib
     if isinstance(ckpt, (str, pathlib.Path)):
         source = str(ckpt)
         ckpt = torch_load_weights_only(ckpt)
@@ -294,8 +298,6 @@ def load_init_weights(path, model_config: ModelConfig | None = None, *, seed: in
     - a .safetensors / .pt state_dict with torchref's keys: from_torch_state_dict(model_config).
     Torch pickles are only read with weights_only=True. Returns a RewardModel whose config is the
     checkpoint's (HF, nanoGPT) or model_config (torchref)."""
-    import json
-    import pathlib
     p = pathlib.Path(path)
     if p.is_dir():
         cfg = p / "config.json"
@@ -305,7 +307,6 @@ def load_init_weights(path, model_config: ModelConfig | None = None, *, seed: in
     if not p.is_file():
         raise ConversionError(f"{p}: no such file or directory")
     if p.suffix == ".safetensors":
-        from jaxrm.checkpoint import CheckpointError, load_safetensors
         try:
             sd = load_safetensors(p)[0]
         except CheckpointError as e:
@@ -346,14 +347,11 @@ def hf_sequence_classification_config(config: ModelConfig) -> dict:
     }
 
 
-def export_hf_sequence_classification(model: RewardModel, out_dir) -> "pathlib.Path":
+def export_hf_sequence_classification(model: RewardModel, out_dir) -> pathlib.Path:
     """Write out_dir/config.json + out_dir/model.safetensors: a transformers
     GPT2ForSequenceClassification (num_labels=1, pad_token_id = the model's PAD id, activation
     "gelu" or "gelu_new" as the model's) whose score at the last non-pad token is jaxrm's end
     score. Keys are "transformer.*" (Conv1D (in, out) layout) and "score.weight"."""
-    import json
-    import pathlib
-    from jaxrm.checkpoint import save_safetensors
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = to_torch_state_dict(model)
@@ -362,8 +360,7 @@ def export_hf_sequence_classification(model: RewardModel, out_dir) -> "pathlib.P
         if key == "reward_head.weight":
             hf["score.weight"] = value  # (1, d_model), Linear layout in both
             continue
-        parts = key.split(".")
-        if len(parts) == 5 and parts[0] == "h" and ".".join(parts[2:4]) in _CONV1D and parts[4] == "weight":
+        if _is_conv1d_weight(key):
             value = value.T  # Linear (out, in) -> Conv1D (in, out)
         hf["transformer." + key] = value
     save_safetensors(hf, out / "model.safetensors", metadata={"format": "pt"})

@@ -1,7 +1,7 @@
-"""Preference files -> validated, tokenized, padded numpy batches (numpy only, no jax).
+"""Preference pairs -> validated, tokenized, padded numpy batches (numpy only, no jax).
 
-File formats (jaxrm/formats.py): JSON Lines (plain or .gz), JSON, CSV, Parquet, saved HF datasets
-directories; e.g. one pair per line:
+jaxrm/formats.py loads the pairs (load_pairs) from JSON Lines (plain or .gz), JSON, CSV, Parquet,
+saved HF datasets directories; e.g. one pair per line:
     {"prompt": "...", "chosen": "...", "rejected": "...", "margin": 1.5}
 "prompt" and "margin" are optional. A sequence is tokenizer.encode(prompt + answer),
 right-padded with pad_id to seq_len. Batches use the original's layout: input_ids [2B, T] with
@@ -11,30 +11,25 @@ rows 0..B-1 the chosen answers and rows B..2B-1 the rejected answers of the same
 from __future__ import annotations
 
 import pathlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
-from jaxrm.config import LENGTHS, RunConfig  # LENGTHS: where a sequence ends (TrainConfig.lengths)
+from jaxrm.config import LENGTHS, TRUNCATIONS, RunConfig  # TrainConfig.lengths, TrainConfig.truncation
+from jaxrm.formats import (
+    Columns,
+    DataError,
+    PreferencePair,
+    common_prefix_len,
+    is_float32,
+    load_pairs,
+    pair_location,
+)
+from jaxrm.tokenizer import first_out_of_range
 
 SPLITS = ("train", "validation", "test")
 BUNDLED_DIR = pathlib.Path(__file__).resolve().parent / "assets" / "vader_pairs"
-
-
-class DataError(ValueError):
-    """Bad preference data; the message names the file / line or pair and what is wrong."""
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    prompt: str
-    chosen: str
-    rejected: str
-    margin: float | None = None
-    line: int | None = field(default=None, compare=False, repr=False)  # 1-based line (JSONL) or row in its file
-    chosen_ids: tuple | None = None  # pre-tokenized sequences: used instead of encode(prompt + answer)
-    rejected_ids: tuple | None = None
 
 
 def bundled_data_path(split: str) -> pathlib.Path:
@@ -42,18 +37,6 @@ def bundled_data_path(split: str) -> pathlib.Path:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid choices: {', '.join(SPLITS)}")
     return BUNDLED_DIR / f"{split}.jsonl.gz"
-
-
-# -----------------------------------------------------------------------------
-# loading
-
-def load_pairs(path, columns=None) -> list[PreferencePair]:
-    """Pairs from a JSON Lines / JSON / CSV / Parquet file (by name), or a saved Hugging Face
-    `datasets` directory ("DIR", or "DIR:SPLIT" for a DatasetDict); see jaxrm/formats.py for the
-    row layouts: explicit or implicit prompt, chat messages, pre-tokenized ids, margins.
-    `columns`: a jaxrm.formats.Columns with other column names."""
-    from jaxrm.formats import read_pairs
-    return read_pairs(path, columns)
 
 
 # -----------------------------------------------------------------------------
@@ -71,21 +54,11 @@ class EncodedPairs:
         return self.chosen_ids.shape[0]
 
 
-def _where(source: str, i: int, pair) -> str:
-    line = getattr(pair, "line", None)
-    return f"{source}:{line} (pair {i})" if line else f"{source}: pair {i}"
-
-
-TRUNCATIONS = ("drop", "error", "left")
-
-
-def _shared_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def pair_ids(pair: PreferencePair, tokenizer) -> tuple[list[int], list[int]]:
+    """(chosen ids, rejected ids): the pair's pre-tokenized ids, else encode(prompt + answer)."""
+    if pair.chosen_ids is not None:
+        return list(pair.chosen_ids), list(pair.rejected_ids)
+    return tokenizer.encode(pair.prompt + pair.chosen), tokenizer.encode(pair.prompt + pair.rejected)
 
 
 def encode_pairs(pairs, tokenizer, *, seq_len: int, pad_id: int, vocab_size: int,
@@ -111,58 +84,76 @@ def encode_pairs(pairs, tokenizer, *, seq_len: int, pad_id: int, vocab_size: int
         stats["truncated_left"] = 0
     kept = []  # (chosen ids, rejected ids, margin)
     for i, p in enumerate(pairs):
-        if p.chosen_ids is not None:  # pre-tokenized
-            c, r = list(p.chosen_ids), list(p.rejected_ids)
-        else:
-            try:  # a lone surrogate ("\\ud800" in JSON) is not text: never encode it (or replace it) silently
-                (p.prompt + p.chosen + p.rejected).encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise DataError(f"{_where(source, i, p)}: text is not valid Unicode ({e.reason})") from None
-            c, r = tokenizer.encode(p.prompt + p.chosen), tokenizer.encode(p.prompt + p.rejected)
-        for side, ids in (("chosen", c), ("rejected", r)):
-            if not ids:
-                raise DataError(f"{_where(source, i, p)}: prompt + {side} encodes to zero tokens")
-            if min(ids) < 0 or max(ids) >= vocab_size:
-                bad = next(t for t in ids if not 0 <= t < vocab_size)
-                raise DataError(f"{_where(source, i, p)}: {side} has token id {bad} outside [0, {vocab_size}): "
-                                f"the tokenizer's vocabulary is larger than the model's")
-            if pad_id in ids and lengths == "first_pad":
-                raise DataError(f"{_where(source, i, p)}: {side} contains the pad id {pad_id} at token "
-                                f"{ids.index(pad_id)} inside the real text (would end the sequence early; "
-                                f"--lengths=explicit keeps it as text)")
-        if p.margin is not None and not abs(p.margin) <= np.finfo(np.float32).max:  # NaN, inf, float32 overflow
-            raise DataError(f"{_where(source, i, p)}: margin {p.margin} is not a finite float32")
-        if c == r:
-            stats["dropped_identical"] += 1
-            continue
-        cut = max(len(c), len(r)) - seq_len
-        if cut > 0 and truncation == "left" and cut < _shared_prefix(c, r):
-            c, r = c[cut:], r[cut:]
-            stats["truncated_left"] += 1
-        if max(len(c), len(r)) > seq_len:
-            if truncation == "error":
-                raise DataError(f"{_where(source, i, p)}: {max(len(c), len(r))} tokens > seq_len {seq_len}")
-            stats["dropped_too_long"] += 1
-            continue
-        kept.append((c, r, 0.0 if p.margin is None else p.margin))
+        where = pair_location(source, i, p, with_index=True)
+        c, r = _checked_ids(p, tokenizer, where, pad_id=pad_id, vocab_size=vocab_size, lengths=lengths)
+        fitted = _fit(c, r, seq_len, truncation, where, stats)
+        if fitted is not None:
+            kept.append((*fitted, 0.0 if p.margin is None else p.margin))
     if not kept:
         raise DataError(f"{source}: no pairs left after filtering ({stats})")
+    data = _padded(kept, seq_len, pad_id)
+    stats["pairs_kept"] = len(kept)
+    stats["max_len"] = int(max(data.chosen_lengths.max(), data.rejected_lengths.max()))
+    return data, stats
 
+
+def _checked_ids(p: PreferencePair, tokenizer, where: str, *, pad_id: int, vocab_size: int,
+                 lengths: str) -> tuple[list[int], list[int]]:
+    """pair_ids(p), after the checks that refuse the pair (a DataError naming `where`)."""
+    if p.chosen_ids is None:
+        try:  # a lone surrogate ("\\ud800" in JSON) is not text: never encode it (or replace it) silently
+            (p.prompt + p.chosen + p.rejected).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{where}: text is not valid Unicode ({e.reason})") from None
+    c, r = pair_ids(p, tokenizer)
+    for side, ids in (("chosen", c), ("rejected", r)):
+        if not ids:
+            raise DataError(f"{where}: prompt + {side} encodes to zero tokens")
+        bad = first_out_of_range(ids, vocab_size)
+        if bad is not None:
+            raise DataError(f"{where}: {side} has token id {bad[-1]} outside [0, {vocab_size}): "
+                            f"the tokenizer's vocabulary is larger than the model's")
+        if pad_id in ids and lengths == "first_pad":
+            raise DataError(f"{where}: {side} contains the pad id {pad_id} at token "
+                            f"{ids.index(pad_id)} inside the real text (would end the sequence early; "
+                            f"--lengths=explicit keeps it as text)")
+    if p.margin is not None and not is_float32(p.margin):  # NaN, inf, float32 overflow
+        raise DataError(f"{where}: margin {p.margin} is not a finite float32")
+    return c, r
+
+
+def _fit(c: list[int], r: list[int], seq_len: int, truncation: str, where: str, stats: dict):
+    """(c, r) within seq_len (cut on the left with truncation="left"), or None for a dropped pair
+    (identical, or too long); counts what it does in `stats`."""
+    if c == r:
+        stats["dropped_identical"] += 1
+        return None
+    cut = max(len(c), len(r)) - seq_len
+    if cut > 0 and truncation == "left" and cut < common_prefix_len(c, r):
+        c, r = c[cut:], r[cut:]
+        stats["truncated_left"] += 1
+    if max(len(c), len(r)) > seq_len:
+        if truncation == "error":
+            raise DataError(f"{where}: {max(len(c), len(r))} tokens > seq_len {seq_len}")
+        stats["dropped_too_long"] += 1
+        return None
+    return c, r
+
+
+def _padded(kept: list, seq_len: int, pad_id: int) -> EncodedPairs:
+    """[(chosen ids, rejected ids, margin)] -> EncodedPairs right-padded with pad_id to seq_len."""
     n = len(kept)
     chosen = np.full((n, seq_len), pad_id, dtype=np.int32)  # (N, T)
     rejected = np.full((n, seq_len), pad_id, dtype=np.int32)  # (N, T)
     for j, (c, r, _) in enumerate(kept):
         chosen[j, :len(c)] = c
         rejected[j, :len(r)] = r
-    data = EncodedPairs(
+    return EncodedPairs(
         chosen_ids=chosen, rejected_ids=rejected,
         chosen_lengths=np.array([len(c) for c, _, _ in kept], dtype=np.int32),
         rejected_lengths=np.array([len(r) for _, r, _ in kept], dtype=np.int32),
         margins=np.array([m for _, _, m in kept], dtype=np.float32),
     )
-    stats["pairs_kept"] = n
-    stats["max_len"] = int(max(data.chosen_lengths.max(), data.rejected_lengths.max()))
-    return data, stats
 
 
 # -----------------------------------------------------------------------------
@@ -282,7 +273,6 @@ def eval_batches(data: EncodedPairs, batch_size: int) -> Iterator[dict]:
 def load_split(run: RunConfig, tokenizer, path: str, source: str) -> tuple[EncodedPairs, dict]:
     """The pairs of one file (or datasets DIR[:SPLIT]) for `run`: read with its column names,
     tokenized and padded to its seq_len (default block_size); (EncodedPairs, stats)."""
-    from jaxrm.formats import Columns  # at the top once formats.py no longer imports this module
     seq_len = run.train.seq_len or run.model.block_size
     if seq_len > run.model.block_size:
         raise ValueError(f"seq_len={seq_len} exceeds the model's block_size={run.model.block_size}")

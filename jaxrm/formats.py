@@ -1,4 +1,4 @@
-"""Preference files in the formats users have -> PreferencePair lists (called by data.load_pairs).
+"""Preference files in the formats users have -> PreferencePair lists (load_pairs); the pair types.
 
 Files, by name:
     *.jsonl, *.jsonl.gz (and any other name: JSON Lines)   one JSON object per line
@@ -34,13 +34,49 @@ import json
 import math
 import pathlib
 import zlib
-from dataclasses import dataclass, fields
-
-from jaxrm.data import DataError, PreferencePair
+from dataclasses import dataclass, field, fields
 
 FLOAT32_MAX = 3.4028234663852886e38
 ROLE_NAMES = {"user": "Human", "human": "Human", "assistant": "Assistant", "system": "System"}
 CHAT_TEMPLATE = "\n\n{role}: {content}"
+
+
+class DataError(ValueError):
+    """Bad preference data; the message names the file / line or pair and what is wrong."""
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+    margin: float | None = None
+    line: int | None = field(default=None, compare=False, repr=False)  # 1-based line (JSONL) or row
+    chosen_ids: tuple | None = None  # pre-tokenized sequences: used instead of encode(prompt + answer)
+    rejected_ids: tuple | None = None
+
+
+def pair_location(source: str, i: int, pair, with_index: bool = False) -> str:
+    """Where pair i is: "FILE:LINE" (+ " (pair i)" with_index) when it knows its line, else "FILE: pair i"."""
+    line = getattr(pair, "line", None)
+    if not line:
+        return f"{source}: pair {i}"
+    return f"{source}:{line} (pair {i})" if with_index else f"{source}:{line}"
+
+
+def common_prefix_len(a, b) -> int:
+    """How many leading items (characters, token ids) two sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def is_float32(value) -> bool:
+    """A finite number within float32 range (batches hold margins as float32); False for NaN / inf."""
+    return abs(value) <= FLOAT32_MAX
 
 
 @dataclass(frozen=True)
@@ -79,11 +115,7 @@ def render_chat(messages, where: str, key: str) -> str:
 def split_common_prefix(a: str, b: str) -> tuple[str, str, str]:
     """(prompt, a_answer, b_answer): the longest common prefix, cut back to position 0 or to just
     after a whitespace character."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
+    n = common_prefix_len(a, b)
     while n > 0 and not a[n - 1].isspace():
         n -= 1
     return a[:n], a[n:], b[n:]
@@ -112,14 +144,13 @@ def _unicode(value: str, where: str, key: str) -> str:
     return value
 
 
-def _text(obj, key, where, *, required=True):
+def _text(obj, key, where) -> str:
+    """obj[key] as text: a string, or chat messages rendered with CHAT_TEMPLATE."""
     value = obj.get(key)
     if isinstance(value, list):
-        return _unicode(render_chat(value, where, key), where, key), True
+        return _unicode(render_chat(value, where, key), where, key)
     if isinstance(value, str):
-        return _unicode(value, where, key), False
-    if value is None and not required:
-        return None, False
+        return _unicode(value, where, key)
     raise DataError(f"{where}: {key!r} must be a string or a list of chat messages, got {type(value).__name__}")
 
 
@@ -154,10 +185,21 @@ def _margin(obj, key, where):
         value = float(value)
     except OverflowError:  # an int beyond float range
         value = math.inf
-    if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):  # batches hold margins as float32
+    if not is_float32(value):
         raise DataError(f"{where}: {key!r} must be a finite number within float32 range "
                         f"(|margin| <= {FLOAT32_MAX:.4g}), got {str(value)[:40]}")
     return value
+
+
+def _pre_tokenized(keys, cols: Columns) -> bool:
+    """Rows with either ids column are read as pre-tokenized (their text columns are optional)."""
+    return cols.chosen_ids in keys or cols.rejected_ids in keys
+
+
+def _missing(keys, cols: Columns) -> list[str]:
+    """The required columns (both ids, or both answers) that `keys` lacks."""
+    need = (cols.chosen_ids, cols.rejected_ids) if _pre_tokenized(keys, cols) else (cols.chosen, cols.rejected)
+    return [k for k in need if k not in keys]
 
 
 def row_to_pair(obj, where: str, row: int, cols: Columns = Columns()) -> PreferencePair:
@@ -165,32 +207,24 @@ def row_to_pair(obj, where: str, row: int, cols: Columns = Columns()) -> Prefere
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     margin = _margin(obj, cols.margin, where)
-    if cols.chosen_ids in obj or cols.rejected_ids in obj:
-        missing = [k for k in (cols.chosen_ids, cols.rejected_ids) if k not in obj]
-        if missing:
-            raise DataError(f"{where}: missing key(s) {', '.join(map(repr, missing))}; keys found: "
-                            f"{', '.join(map(repr, obj))}")
-        return PreferencePair("", "", "", margin, line=row,
-                              chosen_ids=_ids(obj, cols.chosen_ids, where),
-                              rejected_ids=_ids(obj, cols.rejected_ids, where))
-    missing = [k for k in (cols.chosen, cols.rejected) if k not in obj]
+    missing = _missing(obj, cols)
     if missing:
         raise DataError(f"{where}: missing key(s) {', '.join(map(repr, missing))}; keys found: "
                         f"{', '.join(map(repr, obj)) or 'none'}")
-    chosen, _ = _text(obj, cols.chosen, where)
-    rejected, _ = _text(obj, cols.rejected, where)
+    if _pre_tokenized(obj, cols):
+        return PreferencePair("", "", "", margin, line=row,
+                              chosen_ids=_ids(obj, cols.chosen_ids, where),
+                              rejected_ids=_ids(obj, cols.rejected_ids, where))
+    chosen = _text(obj, cols.chosen, where)
+    rejected = _text(obj, cols.rejected, where)
     if cols.prompt in obj:
-        prompt, _ = _text(obj, cols.prompt, where)
+        prompt = _text(obj, cols.prompt, where)
         return PreferencePair(prompt, chosen, rejected, margin, line=row)
     prompt, chosen, rejected = split_common_prefix(chosen, rejected)
     return PreferencePair(prompt, chosen, rejected, margin, line=row)
 
 
 # ----------------------------------------------------------------------------- readers
-
-def _open_text(path: pathlib.Path):
-    return _Reader(path)
-
 
 class _Reader:
     """A file's bytes (gunzipped for .gz), by line or whole; a read that fails (a truncated or
@@ -230,18 +264,14 @@ def _decode(data: bytes, where: str) -> str:
 
 def _check_columns(path, found, cols: Columns):
     found = list(found)
-    if cols.chosen_ids in found or cols.rejected_ids in found:
-        need = (cols.chosen_ids, cols.rejected_ids)
-    else:
-        need = (cols.chosen, cols.rejected)
-    missing = [k for k in need if k not in found]
+    missing = _missing(found, cols)
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; columns found: "
                         f"{', '.join(map(repr, found)) or 'none'}")
 
 
 def _jsonl(path: pathlib.Path, cols: Columns):
-    with _open_text(path) as f:
+    with _Reader(path) as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             line = _decode(raw, where)
@@ -252,7 +282,7 @@ def _jsonl(path: pathlib.Path, cols: Columns):
 
 
 def _json(path: pathlib.Path, cols: Columns):
-    with _open_text(path) as f:
+    with _Reader(path) as f:
         text = _decode(f.read(), str(path))
     data = _loads(text, str(path))
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
@@ -265,7 +295,7 @@ def _json(path: pathlib.Path, cols: Columns):
 
 
 def _csv(path: pathlib.Path, cols: Columns):
-    with _open_text(path) as f:
+    with _Reader(path) as f:
         text = _decode(f.read(), str(path))
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if reader.fieldnames is None:
@@ -357,7 +387,10 @@ def _hf_dataset(path: pathlib.Path, split: str | None, cols: Columns):
             yield row_to_pair(dict(zip(batch, values)), f"{where}: row {row}", row, cols)
 
 
-def read_pairs(path, cols: Columns | None = None) -> list[PreferencePair]:
+def load_pairs(path, cols: Columns | None = None) -> list[PreferencePair]:
+    """Pairs from a JSON Lines / JSON / CSV / Parquet file (by name), or a saved Hugging Face
+    `datasets` directory ("DIR", or "DIR:SPLIT" for a DatasetDict); rows as in this module's
+    docstring. `cols`: other column names."""
     path, split = dataset_dir_and_split(path)
     if path.is_dir():
         name = f"{path}:{split}" if split else str(path)

@@ -21,20 +21,14 @@ from __future__ import annotations
 import numpy as np
 
 from jaxrm.config import LENGTHS
+from jaxrm.data import pair_ids
+from jaxrm.formats import pair_location
+from jaxrm.tokenizer import first_out_of_range
 
 ERRORS = ("pad_in_text", "out_of_vocab", "empty_sequence")  # training refuses these
 EXPLICIT_LENGTH_ERRORS = ("out_of_vocab", "empty_sequence")  # ... with lengths="explicit"
-
-
-def _where(source, i, pair) -> str:
-    line = getattr(pair, "line", None)
-    return f"{source}:{line}" if line else f"{source}: pair {i}"
-
-
-def _ids(pair, tokenizer):
-    if pair.chosen_ids is not None:
-        return list(pair.chosen_ids), list(pair.rejected_ids)
-    return tokenizer.encode(pair.prompt + pair.chosen), tokenizer.encode(pair.prompt + pair.rejected)
+CHECKS = ("too_long", "identical", "identical_after_truncation", "pad_in_text", "eot_in_text", "out_of_vocab",
+          "divergence_at_0", "empty_answer", "empty_sequence", "duplicate")
 
 
 def lint_pairs(pairs, tokenizer, *, seq_len: int, vocab_size: int, source: str = "<pairs>",
@@ -43,55 +37,27 @@ def lint_pairs(pairs, tokenizer, *, seq_len: int, vocab_size: int, source: str =
     "explicit" (TrainConfig.lengths="explicit": a PAD / end-of-text id inside a text is reported, not refused)."""
     if lengths not in LENGTHS:
         raise ValueError(f"lengths must be one of {LENGTHS}, got {lengths!r}")
-    mode, errors = lengths, (ERRORS if lengths == "first_pad" else EXPLICIT_LENGTH_ERRORS)
-    pad_id = vocab_size - 1
-    eot_id = getattr(tokenizer, "eot_id", None)
-    checks = {name: [] for name in ("too_long", "identical", "identical_after_truncation", "pad_in_text",
-                                    "eot_in_text", "out_of_vocab", "divergence_at_0", "empty_answer",
-                                    "empty_sequence", "duplicate")}
+    errors = ERRORS if lengths == "first_pad" else EXPLICIT_LENGTH_ERRORS
+    checks = {name: [] for name in CHECKS}
+    other_texts = None
     if against is not None:
         checks["in_other_file"] = []
         other_texts = {p.prompt + a for p in against for a in (p.chosen, p.rejected)}
     seen = set()
-    lengths = []
+    longest = []  # tokens of each pair's longer side
     for i, p in enumerate(pairs):
-        where = _where(source, i, p)
-        c, r = _ids(p, tokenizer)
-        lengths.append(max(len(c), len(r)))
-        flags = []
-        if not c or not r:
-            flags.append("empty_sequence")
-        if p.chosen_ids is None and (not p.chosen or not p.rejected):
-            flags.append("empty_answer")
-        if max(len(c), len(r)) > seq_len:
-            flags.append("too_long")
-        if c == r:
-            flags.append("identical")
-        elif c[:seq_len] == r[:seq_len]:
-            flags.append("identical_after_truncation")
-        if pad_id in c or pad_id in r:
-            flags.append("pad_in_text")
-        if eot_id is not None and eot_id != pad_id and (eot_id in c or eot_id in r):
-            flags.append("eot_in_text")
-        if any(t >= vocab_size or t < 0 for t in c + r):
-            flags.append("out_of_vocab")
-        if c and r and c != r and c[0] != r[0]:
-            flags.append("divergence_at_0")
-        key = (p.prompt, p.chosen, p.rejected, p.chosen_ids, p.rejected_ids)
-        if key in seen:
-            flags.append("duplicate")
-        seen.add(key)
-        if against is not None and p.chosen_ids is None and (
-                p.prompt + p.chosen in other_texts or p.prompt + p.rejected in other_texts):
-            flags.append("in_other_file")
-        for flag in flags:
-            checks[flag].append(where)
-    lengths = np.array(lengths or [0])
+        c, r = pair_ids(p, tokenizer)
+        longest.append(max(len(c), len(r)))
+        for flag in _flags(p, c, r, tokenizer, seq_len=seq_len, vocab_size=vocab_size, seen=seen,
+                           other_texts=other_texts):
+            checks[flag].append(pair_location(source, i, p))
+    longest = np.array(longest or [0])
     report = {
-        "source": source, "pairs": len(pairs), "seq_len": seq_len, "vocab_size": vocab_size, "lengths": mode,
-        "tokens_per_pair": {"min": int(lengths.min()), "p50": int(np.percentile(lengths, 50)),
-                            "p90": int(np.percentile(lengths, 90)), "p99": int(np.percentile(lengths, 99)),
-                            "max": int(lengths.max()), "mean": round(float(lengths.mean()), 2)},
+        "source": source, "pairs": len(pairs), "seq_len": seq_len, "vocab_size": vocab_size,
+        "lengths": lengths,
+        "tokens_per_pair": {"min": int(longest.min()), "p50": int(np.percentile(longest, 50)),
+                            "p90": int(np.percentile(longest, 90)), "p99": int(np.percentile(longest, 99)),
+                            "max": int(longest.max()), "mean": round(float(longest.mean()), 2)},
         "checks": {name: {"count": len(found), "first": found[:examples]} for name, found in checks.items()},
     }
     report["trainable_pairs"] = len(pairs) - len({w for name in ("too_long", "identical", *errors)
@@ -99,6 +65,39 @@ def lint_pairs(pairs, tokenizer, *, seq_len: int, vocab_size: int, source: str =
     report["error_checks"] = list(errors)
     report["errors"] = sum(len(checks[name]) for name in errors)
     return report
+
+
+def _flags(p, c: list[int], r: list[int], tokenizer, *, seq_len: int, vocab_size: int, seen: set,
+           other_texts: set | None) -> list[str]:
+    """The checks pair p (token ids c, r) fails; adds it to `seen` (the duplicate check)."""
+    pad_id, eot_id = vocab_size - 1, getattr(tokenizer, "eot_id", None)
+    flags = []
+    if not c or not r:
+        flags.append("empty_sequence")
+    if p.chosen_ids is None and (not p.chosen or not p.rejected):
+        flags.append("empty_answer")
+    if max(len(c), len(r)) > seq_len:
+        flags.append("too_long")
+    if c == r:
+        flags.append("identical")
+    elif c[:seq_len] == r[:seq_len]:
+        flags.append("identical_after_truncation")
+    if pad_id in c or pad_id in r:
+        flags.append("pad_in_text")
+    if eot_id is not None and eot_id != pad_id and (eot_id in c or eot_id in r):
+        flags.append("eot_in_text")
+    if first_out_of_range(c + r, vocab_size) is not None:
+        flags.append("out_of_vocab")
+    if c and r and c != r and c[0] != r[0]:
+        flags.append("divergence_at_0")
+    key = (p.prompt, p.chosen, p.rejected, p.chosen_ids, p.rejected_ids)
+    if key in seen:
+        flags.append("duplicate")
+    seen.add(key)
+    if other_texts is not None and p.chosen_ids is None and (
+            p.prompt + p.chosen in other_texts or p.prompt + p.rejected in other_texts):
+        flags.append("in_other_file")
+    return flags
 
 
 def format_report(report: dict) -> str:

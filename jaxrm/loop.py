@@ -81,7 +81,7 @@ class Preemption:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __enter__(self) -> "Preemption":
+    def __enter__(self) -> Preemption:
         self.received = None
         self._previous = {sig: signal.signal(sig, self._record) for sig in self.SIGNALS}
         return self

@@ -12,10 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrm.config import LOSS_TYPES, NORMALIZE_BY
 from jaxrm.metrics import counted_mean
-
-LOSS_TYPES = ("span", "last_token")
-NORMALIZE_BY = ("pairs", "nonidentical")
+from jaxrm.tokenizer import first_out_of_range
 
 
 class PairwiseOutput(NamedTuple):
@@ -150,10 +149,10 @@ def validate_pair_batch(input_ids, pad_id: int, vocab_size: int, block_size: int
         raise PairBatchError(f"a pair batch has shape (2*bs, T) with bs >= 1, got {ids.shape}")
     if block_size is not None and ids.shape[1] > block_size:
         raise PairBatchError(f"sequence length {ids.shape[1]} exceeds block_size={block_size}")
-    bad = (ids < 0) | (ids >= vocab_size)
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
-        raise PairBatchError(f"token id {ids[row, col]} at row {row}, position {col} is outside [0, {vocab_size})")
+    bad = first_out_of_range(ids, vocab_size)
+    if bad is not None:
+        row, col, token = bad
+        raise PairBatchError(f"token id {token} at row {row}, position {col} is outside [0, {vocab_size})")
     ends = np.asarray(sequence_ends(ids, pad_id, lengths))
     if lengths is not None and ((ends < 0) | (ends > ids.shape[1])).any():
         row = int(np.argmax((ends < 0) | (ends > ids.shape[1])))

@@ -5,7 +5,7 @@ import json
 import pathlib
 
 from jaxrm import convert
-from jaxrm.checkpoint import CheckpointError, Checkpointer, load_safetensors, save_safetensors
+from jaxrm.checkpoint import Checkpointer, CheckpointError, load_safetensors, save_safetensors
 from jaxrm.config import RunConfig
 from jaxrm.model import RewardModel
 from jaxrm.state import abstract_train_state, merge_model

@@ -66,11 +66,6 @@ def tcmalloc_loaded() -> bool:
         return False
 
 
-def allocator() -> str:
-    """'tcmalloc' or 'system': what this process allocates with (for benchmark reports)."""
-    return "tcmalloc" if tcmalloc_loaded() else "system"
-
-
 def preload_tcmalloc(argv: list[str] | None = None) -> bool:
     """Re-exec this process with tcmalloc preloaded, when useful and possible.
 
@@ -137,21 +132,6 @@ def use_deterministic_ops(environ=None) -> bool:
                       "--deterministic`, which does.", RuntimeWarning, stacklevel=2)
         return False
     return True
-
-
-def release_free_memory() -> None:
-    """Give cached free memory back to the OS (tcmalloc or glibc), e.g. before a peak-RSS reading."""
-    try:
-        libc = ctypes.CDLL(None)
-    except OSError:
-        return
-    fn = getattr(libc, "MallocExtension_ReleaseFreeMemory", None)
-    if fn is not None:
-        fn()
-        return
-    trim = getattr(libc, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
 
 
 def setup(tcmalloc: bool = True) -> None:

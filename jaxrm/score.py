@@ -6,7 +6,7 @@ from flax import nnx
 
 from jaxrm.config import RunConfig
 from jaxrm.model import RewardModel
-from jaxrm.tokenizer import get_tokenizer
+from jaxrm.tokenizer import first_out_of_range, get_tokenizer
 
 
 def score_texts(model: RewardModel, run: RunConfig, texts: list[str], batch_size: int = 32) -> list[float]:
@@ -33,7 +33,7 @@ def score_ids(model: RewardModel, run: RunConfig, sequences: list[list[int]], ba
             raise ValueError(f"text {i} is empty: nothing to score")
         if len(ids) > config.block_size:
             raise ValueError(f"text {i} has {len(ids)} tokens, more than block_size={config.block_size}")
-        if min(ids) < 0 or max(ids) >= config.vocab_size or (not explicit and config.pad_id in ids):
+        if first_out_of_range(ids, config.vocab_size) is not None or (not explicit and config.pad_id in ids):
             raise ValueError(f"text {i} encodes to an id the model reserves or lacks (pad {config.pad_id}"
                              + ("" if explicit else "; train with --lengths=explicit to allow it inside a text") + ")")
     forward = nnx.jit(lambda m, ids, positions: m.scores_at(ids, positions))  # the last block only where read

@@ -13,10 +13,14 @@ means "no sharding": no mesh, no shardings.
 from __future__ import annotations
 
 import math
+import socket
+import time
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxrm.config import COORDINATOR_TIMEOUT_S
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")   # the batch (pair) dimension is split over both axes
@@ -153,7 +157,8 @@ def shard_batch(batch: dict, mesh: Mesh | None, batch_size: int, lengths: bool =
     return {k: jax.make_array_from_process_local_data(shardings[k], v, shapes[k]) for k, v in local.items()}
 
 
-def initialize_distributed(coordinator: str, num_processes: int, process_id: int, timeout_s: int = 60) -> None:
+def initialize_distributed(coordinator: str, num_processes: int, process_id: int,
+                           timeout_s: int = COORDINATOR_TIMEOUT_S) -> None:
     """jax.distributed.initialize with a bounded wait; a clear error when the coordinator is unreachable.
 
     With coordinator="" the arguments are left to JAX's cluster detection (SLURM, Open MPI,
@@ -182,8 +187,6 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
 
 
 def _wait_for_coordinator(coordinator: str, timeout_s: float, process_id: int, num_processes: int) -> None:
-    import socket
-    import time
     host, port = coordinator.rsplit(":", 1)
     deadline = time.monotonic() + timeout_s
     while True:

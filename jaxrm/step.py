@@ -15,7 +15,8 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import checkify
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxrm import sharding as shd
 from jaxrm.config import ModelConfig, TrainConfig

@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import pathlib
 
+import numpy as np
+
 ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
 GPT2_VOCAB_PATH = ASSETS / "gpt2.tiktoken"
 # sha256 of the r50k_base / gpt2 ranks file (the value tiktoken itself pins for r50k_base)
@@ -103,6 +105,17 @@ class HFTokenizer:
 
 
 TOKENIZERS = {"gpt2": GPT2Tokenizer, "byte": ByteTokenizer}
+
+
+def first_out_of_range(ids, vocab_size: int) -> tuple[int, ...] | None:
+    """The first token id outside [0, vocab_size) in row-major order, as (row, col, id) for 2-D ids
+    ((col, id) for 1-D); None when every id is in range. The one range check of model, loss, data, score."""
+    ids = np.asarray(ids)
+    bad = (ids < 0) | (ids >= vocab_size)
+    if not bad.any():
+        return None
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    return (*index, int(ids[index]))
 
 
 def get_tokenizer(name: str):

@@ -1,9 +1,9 @@
-"""Shared setup for jaxrm-vs-torchref parity: float32, highest matmul precision, no TF32."""
+"""Shared setup for jaxrm-vs-torchref parity: float32 and no TF32 in torch (JAX's highest matmul
+precision is set in the repository's conftest.py), the tiny GPT-2-shaped config, a batch covering
+the original's cases, and jaxrm's gradients under torch's parameter names."""
 import jax
 import numpy as np
-import pytest
-
-jax.config.update("jax_default_matmul_precision", "highest")
+from flax import nnx
 
 try:
     import torch
@@ -13,17 +13,10 @@ try:
 except ImportError:  # tests that need torch skip themselves
     torch = None
 
-from jaxrm import ModelConfig  # noqa: E402
+from jaxrm import ModelConfig, convert, pairwise_loss  # noqa: E402
 
 # GPT-2-shaped (vocab 50257, PAD = <|endoftext|>), tiny sizes.
 TINY_GPT2 = ModelConfig(vocab_size=50257, d_model=64, block_size=32, num_heads=4, dff=256, num_layer=2)
-
-
-@pytest.fixture(params=jax.devices(), ids=lambda d: f"{d.platform}{d.id}")
-def jax_device(request):
-    """Every JAX device present: CPU always, GPU/TPU when there."""
-    with jax.default_device(request.param):
-        yield request.param
 
 
 def mixed_pair_batch(config: ModelConfig = TINY_GPT2, T: int = 16, seed: int = 0) -> np.ndarray:
@@ -59,3 +52,14 @@ def mixed_pair_batch(config: ModelConfig = TINY_GPT2, T: int = 16, seed: int = 0
     chosen = np.stack([c for c, _ in pairs])
     rejected = np.stack([r for _, r in pairs])
     return np.concatenate([chosen, rejected]).astype(np.int64)  # (2*bs, T)
+
+
+def jax_grads_as_state_dict(jm, ids, pad_id):
+    """(loss, {torchref state_dict key: gradient}) of the original's pairwise loss for the model `jm`."""
+    graphdef, params = nnx.split(jm, nnx.Param)
+
+    def loss_fn(params):
+        return pairwise_loss(nnx.merge(graphdef, params)(ids), ids, pad_id).loss
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    return float(loss), convert.to_torch_state_dict(nnx.merge(graphdef, grads))

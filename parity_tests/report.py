@@ -4,11 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-import parity_tests.conftest  # noqa: F401  (float32, highest precision, no TF32)
+import conftest  # noqa: F401  (the repository's conftest.py: highest matmul precision, as under pytest)
 import torchref
 from jaxrm import convert, pairwise_loss
-from parity_tests.conftest import TINY_GPT2, mixed_pair_batch
-from parity_tests.test_model_parity import jax_grads_as_state_dict
+from parity_tests.conftest import TINY_GPT2, jax_grads_as_state_dict, mixed_pair_batch  # and no TF32
 
 
 def main(seeds=range(5)):

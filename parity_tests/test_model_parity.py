@@ -1,12 +1,11 @@
 """jaxrm and torchref on one set of weights: rewards, end scores, loss, gradients."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from jaxrm import RewardModel, convert, pairwise_loss
-from parity_tests.conftest import TINY_GPT2, mixed_pair_batch
+from parity_tests.conftest import TINY_GPT2, jax_grads_as_state_dict, mixed_pair_batch
 
 torch = pytest.importorskip("torch")
 import torchref  # noqa: E402
@@ -61,16 +60,6 @@ def test_end_scores_match_without_return_loss(jax_device):
     np.testing.assert_allclose(np.asarray(out.chosen_end_scores), [s.item() for s in c_scores], atol=1e-5)
     np.testing.assert_allclose(np.asarray(out.rejected_end_scores)[~np.asarray(out.identical)],
                                [s.item() for s in r_scores], atol=1e-5)
-
-
-def jax_grads_as_state_dict(jm, ids, pad_id):
-    graphdef, params = nnx.split(jm, nnx.Param)
-
-    def loss_fn(params):
-        return pairwise_loss(nnx.merge(graphdef, params)(ids), ids, pad_id).loss
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    return float(loss), convert.to_torch_state_dict(nnx.merge(graphdef, grads))
 
 
 def test_gradients_match(jax_device):

@@ -2,7 +2,6 @@
 configure_optimizers driven the nanoGPT way, from the same weights on the same batches."""
 import dataclasses
 
-import jax
 import numpy as np
 import pytest
 

@@ -266,7 +266,7 @@ How the files are made (seed {SEED}, deterministic, byte-identical on rerun):
 All kept sentences: GPT-2 tokens p50 / p90 / p99 / max = {all_pct}. So `seq_len` {MAX_TOKENS} fits
 every pair with the GPT-2 tokenizer; the byte tokenizer needs the longer lengths above (or drops pairs).
 
-Load with `jaxrm.data.load_pairs(jaxrm.data.bundled_data_path("train"))`.
+Load with `jaxrm.formats.load_pairs(jaxrm.data.bundled_data_path("train"))`.
 
 ## Regenerate
 

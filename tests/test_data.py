@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxrm.data import (BatchIterator, DataError, EncodedPairs, PreferencePair, bundled_data_path, encode_pairs,
-                        eval_batches, load_pairs)
+from jaxrm.data import BatchIterator, EncodedPairs, bundled_data_path, encode_pairs, eval_batches
+from jaxrm.formats import DataError, PreferencePair, load_pairs
 from jaxrm.tokenizer import ByteTokenizer, GPT2Tokenizer
 
 BYTE = ByteTokenizer()

@@ -13,7 +13,7 @@ import pytest
 from jaxrm import runtime
 from jaxrm.config import RunConfig, TrainConfig, run_preset
 from jaxrm.loop import fit
-from tests.test_train import weights, write_pairs
+from tests.conftest import weights, write_pairs
 
 TRAIN = dict(tokenizer="byte", seq_len=32, batch_size=4, max_steps=3, warmup_steps=1, lr_decay_steps=3,
              learning_rate=3e-3, min_lr=3e-4, checkpoint_every=3, eval_every=3, eval_pairs=16, log_every=100)

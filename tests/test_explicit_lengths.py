@@ -15,13 +15,16 @@ from flax import nnx
 from jaxrm import cli
 from jaxrm import sharding as shd
 from jaxrm.config import ModelConfig, RunConfig, TrainConfig
-from jaxrm.data import BatchIterator, DataError, encode_pairs, eval_batches, load_pairs
+from jaxrm.data import BatchIterator, encode_pairs, eval_batches
+from jaxrm.evaluate import evaluate
+from jaxrm.formats import DataError, load_pairs
 from jaxrm.loss import pairwise_loss
 from jaxrm.model import RewardModel
-from jaxrm.tokenizer import GPT2Tokenizer
-from jaxrm.evaluate import evaluate
 from jaxrm.state import init_train_state, split_model
 from jaxrm.step import make_eval_step, make_train_step, micro_batches
+from jaxrm.tokenizer import GPT2Tokenizer
+from tests.conftest import MODEL as BYTE_MODEL
+from tests.conftest import write_pairs
 
 GPT2 = GPT2Tokenizer()
 EOT = GPT2.eot_id  # 50256 = the PAD id of a vocab_size=50257 model
@@ -130,7 +133,6 @@ def test_default_mode_is_unchanged_when_no_pad_is_inside_a_text():
     import tempfile
 
     from jaxrm.tokenizer import ByteTokenizer
-    from tests.test_train import MODEL as BYTE_MODEL, write_pairs
     with tempfile.TemporaryDirectory() as d:
         pairs = load_pairs(write_pairs(os.path.join(d, "p.jsonl")))
     data = encode_pairs(pairs, ByteTokenizer(), seq_len=32, pad_id=256, vocab_size=257)[0]

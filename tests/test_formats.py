@@ -6,13 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from jaxrm.data import DataError, PreferencePair, encode_pairs, load_pairs
-from jaxrm.formats import Columns, split_common_prefix
+from jaxrm.data import encode_pairs
+from jaxrm.formats import Columns, DataError, PreferencePair, load_pairs, split_common_prefix
 from jaxrm.tokenizer import ByteTokenizer
-
-ROWS = [{"prompt": "Q: 1+1? ", "chosen": "A: 2", "rejected": "A: 3", "margin": 1.5},
-        {"prompt": "Q: sky? ", "chosen": "A: blue", "rejected": "A: green", "margin": 0.5}]
-EXPECTED = [PreferencePair("Q: 1+1? ", "A: 2", "A: 3", 1.5), PreferencePair("Q: sky? ", "A: blue", "A: green", 0.5)]
+from tests.conftest import EXPECTED, ROWS
 
 
 def write(path, rows):

@@ -6,9 +6,8 @@ import sys
 
 import pytest
 
-from jaxrm.data import DataError, PreferencePair, load_pairs
-from jaxrm.formats import Columns
-from tests.test_formats import EXPECTED, ROWS
+from jaxrm.formats import Columns, DataError, PreferencePair, load_pairs
+from tests.conftest import EXPECTED, ROWS
 
 
 def save(rows, path, **splits):
@@ -84,7 +83,7 @@ def test_directories_that_are_not_datasets_and_a_missing_package(tmp_path, monke
 def test_jaxrm_does_not_import_datasets_for_other_formats(tmp_path):
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    code = ("import sys; import jaxrm.cli, jaxrm.loop, jaxrm.formats; from jaxrm.data import load_pairs; "
+    code = ("import sys; import jaxrm.cli, jaxrm.loop, jaxrm.data; from jaxrm.formats import load_pairs; "
             f"load_pairs({str(data)!r}); assert 'datasets' not in sys.modules, 'datasets imported'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

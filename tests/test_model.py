@@ -47,7 +47,7 @@ def test_dropout_is_seeded_and_off_by_default(jax_device):
 
 
 def test_dropout_draws_are_uniform_unbiased_and_keyed():
-    from jaxrm.model import _dropout_key, dropout_bits
+    from jaxrm.kernels import dropout, dropout_bits
     key = jax.random.key(5)
     bits = np.asarray(dropout_bits(key, (64, 1024)))
     for b in (0, 8, 16, 31):  # every bit is a fair coin
@@ -56,7 +56,7 @@ def test_dropout_draws_are_uniform_unbiased_and_keyed():
     assert abs(neighbours) < 0.01
     other = np.asarray(dropout_bits(jax.random.key(6), (64, 1024)))
     assert (bits == other).mean() < 0.001
-    kept = np.asarray(_dropout_key(jnp.ones((256, 1024)), 0.1, key))
+    kept = np.asarray(dropout(jnp.ones((256, 1024)), 0.1, key))
     assert abs((kept > 0).mean() - 0.9) < 0.003
     assert abs(kept.mean() - 1.0) < 0.005   # inverted dropout keeps the expectation
     assert set(np.unique(kept)) == {0.0, np.float32(1 / 0.9)}
@@ -76,14 +76,14 @@ def test_bfloat16_matmuls_keep_float32_params_and_rewards():
 @pytest.mark.parametrize("transpose_b", [False, True], ids=["a@b", "a@bT"])
 @pytest.mark.parametrize("batch", [(), (2, 3)], ids=["2d", "batched"])
 def test_bfloat16_matmul_gradient_is_the_float32_one_to_bf16_precision(transpose_b, batch):
-    from jaxrm.model import _matmul
+    from jaxrm.kernels import matmul
     ka, kb, kg = jax.random.split(jax.random.key(0), 3)
     a = jax.random.normal(ka, (*batch, 40, 24))
     b = jax.random.normal(kb, (*batch, 56, 24) if transpose_b else (*batch, 24, 56))
     g = jax.random.normal(kg, (*batch, 40, 56))
 
     def grads(dtype):
-        loss = lambda a, b: jnp.sum(_matmul(a.astype(dtype), b.astype(dtype), transpose_b) * g)
+        loss = lambda a, b: jnp.sum(matmul(a.astype(dtype), b.astype(dtype), transpose_b) * g)
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(a, b)
 
     for low, exact in zip(grads(jnp.bfloat16), grads(jnp.float32)):

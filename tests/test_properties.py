@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from jaxrm.data import DataError, PreferencePair, eval_batches, encode_pairs
-from jaxrm.formats import CHAT_TEMPLATE, ROLE_NAMES, read_pairs
+from jaxrm.data import eval_batches, encode_pairs
+from jaxrm.formats import CHAT_TEMPLATE, ROLE_NAMES, DataError, PreferencePair, load_pairs
 from jaxrm.loss import PairBatchError, pairwise_loss, validate_pair_batch
 from jaxrm.tokenizer import ByteTokenizer, GPT2Tokenizer
 
@@ -516,7 +516,7 @@ def test_file_loaders_read_back_what_was_written_or_refuse_clearly(tmp_path_fact
 
     expected = [pair for _, pair in items]
     try:
-        got = read_pairs(path)
+        got = load_pairs(path)
     except DataError as e:
         message = str(e)
         event(f"refused ({corrupt or 'bad row'})")

@@ -2,7 +2,6 @@
 files, a disk that fills up during a save. Each test holds one line of README's Reliability table."""
 import errno
 import gzip
-import json
 import os
 import pathlib
 import random
@@ -18,13 +17,19 @@ import numpy as np
 import pytest
 
 from jaxrm import checkpoint, cli
-from jaxrm.checkpoint import (MANIFEST, CheckpointError, Checkpointer, CorruptCheckpoint, load_safetensors,
-                              save_safetensors)
+from jaxrm.checkpoint import (
+    MANIFEST,
+    Checkpointer,
+    CheckpointError,
+    CorruptCheckpoint,
+    load_safetensors,
+    save_safetensors,
+)
 from jaxrm.config import RunConfig, TrainConfig
-from jaxrm.data import DataError, load_pairs
+from jaxrm.formats import DataError, load_pairs
 from jaxrm.loop import fit
 from jaxrm.state import abstract_train_state
-from tests.test_train import make_run, weights, write_pairs
+from tests.conftest import make_run, weights, write_pairs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -89,13 +94,14 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_parameters(tmp_path
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
            "JAXRM_NO_TCMALLOC": "1"}
 
-    def train(out, pause_dir):
+    def train(out, pause_dir):  # `jaxrm train`, with the save pauses of tests/pausing_train.py
         pause_dir.mkdir(exist_ok=True)
-        argv = [sys.executable, "-m", "jaxrm.cli", "train", "--preset", "tiny", "--out", str(out), "--data", data,
+        argv = [sys.executable, "-m", "tests.pausing_train", str(pause_dir), "train", "--preset", "tiny",
+                "--out", str(out), "--data", data,
                 "--tokenizer=byte", "--vocab_size=257", "--d_model=32", "--dff=64",
                 "--seq_len=32", "--batch_size=8", "--max_steps=36", "--lr_decay_steps=36", "--warmup_steps=2",
                 "--checkpoint_every=4", "--eval_every=1000", "--log_every=1", "--keep_checkpoints=2"]
-        return argv, {**env, checkpoint.PAUSE_ENV: str(pause_dir)}
+        return argv, env
 
     argv, straight_env = train(tmp_path / "straight", tmp_path / "no-pauses")
     why, code, output = _launch(argv, straight_env, None, tmp_path / "no-pauses")

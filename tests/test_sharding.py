@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from jaxrm import sharding as shd
+from tests.conftest import weights, write_pairs
 
 WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
 STEPS, LR, D_MODEL = 10, 3e-3, 32
@@ -203,7 +204,6 @@ def train_losses(run_dir):
 
 
 def test_cli_two_processes_and_a_resume_on_another_mesh_equal_one_device(tmp_path):
-    from tests.test_train import weights, write_pairs
     data = write_pairs(tmp_path / "pairs.jsonl")
     port = free_port()
     # 2 processes x 2 devices (data=2 x fsdp=2), while the single-device reference runs here

@@ -1,6 +1,5 @@
 """The fit loop end to end on a tiny byte-level model: resume, faults, config checks, CLI."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,39 +11,13 @@ import pytest
 
 from jaxrm import cli
 from jaxrm.checkpoint import Checkpointer, load_safetensors
-from jaxrm.config import ModelConfig, RunConfig, TrainConfig
-from jaxrm.optim import decay_mask, learning_rate
+from jaxrm.config import RunConfig, TrainConfig
 from jaxrm.loop import TrainingError, fit
+from jaxrm.optim import decay_mask, learning_rate
 from jaxrm.sharding import shard_batch
 from jaxrm.state import init_train_state
 from jaxrm.step import make_train_step
-
-MODEL = ModelConfig(vocab_size=257, d_model=32, block_size=64, num_heads=4, dff=64, num_layer=2)
-
-
-def write_pairs(path, n=48, seed=0):
-    """Synthetic preferences a model can learn: the answer with more '!' wins."""
-    rng = np.random.default_rng(seed)
-    words = ["good", "fine", "ok", "nice", "meh", "sure", "well"]
-    with open(path, "w") as f:
-        for i in range(n):
-            body = " ".join(rng.choice(words, size=rng.integers(1, 4)))
-            k = int(rng.integers(0, 3))
-            f.write(json.dumps({"prompt": "Q:", "chosen": f" {body}" + "!" * (k + 1),
-                                "rejected": f" {body}" + "!" * k + ".", "margin": 1.0}) + "\n")
-    return str(path)
-
-
-def make_run(tmp_path, **train):
-    data = write_pairs(tmp_path / "pairs.jsonl")
-    defaults = dict(data=data, eval_data=data, tokenizer="byte", seq_len=32, batch_size=8, max_steps=12,
-                    warmup_steps=2, lr_decay_steps=12, learning_rate=3e-3, min_lr=3e-4,
-                    checkpoint_every=4, eval_every=6, log_every=100, keep_checkpoints=2)
-    return RunConfig(MODEL, TrainConfig(**{**defaults, **train}))
-
-
-def weights(run_dir):
-    return load_safetensors(run_dir / "model.safetensors")[0]
+from tests.conftest import MODEL, make_run, weights
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
