@@ -21,13 +21,13 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxrm import kernels
 from jaxrm.config import INIT_STD, ModelConfig
 from jaxrm.plan import Plan, devices_of, execution_plan, run_blocks
+from jaxrm.tokenizer import first_out_of_range
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch nn.GELU() default: exact erf
@@ -261,10 +261,7 @@ def check_input_ids(input_ids, config: ModelConfig) -> None:
         raise ValueError(f"sequence length {T} exceeds block_size={config.block_size}")
     if isinstance(input_ids, jax.core.Tracer):
         return
-    ids = np.asarray(input_ids)
-    bad = (ids < 0) | (ids >= config.vocab_size)
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
-        raise ValueError(
-            f"token id {ids[row, col]} at row {row}, position {col} is outside [0, vocab_size={config.vocab_size})"
-        )
+    bad = first_out_of_range(input_ids, config.vocab_size)
+    if bad is not None:
+        row, col, token = bad
+        raise ValueError(f"token id {token} at row {row}, position {col} is outside [0, vocab_size={config.vocab_size})")
