@@ -23,6 +23,7 @@ from jaxrm.config import ModelConfig, TrainConfig
 from jaxrm.loss import identical_pairs, loss_denominators, pairwise_loss, reduce_loss
 from jaxrm.metrics import pair_metrics
 from jaxrm.optim import learning_rate, make_optimizer
+from jaxrm.plan import execution_plan
 from jaxrm.state import TrainState, abstract_train_state, model_graphdef
 
 
@@ -80,7 +81,7 @@ def _loss_options(tc: TrainConfig, rows: dict) -> dict:
 # -----------------------------------------------------------------------------
 # the train step
 
-def _apply_interleaved(model, ids, key, dropout: bool, pairs_sharding):
+def _apply_interleaved(model, ids, key, dropout: bool, pairs_sharding, devices):
     """Rewards (2b, T), chosen rows then rejected, of rows `ids` (2b, T) in that order. The model
     runs on the pairs interleaved (chosen_0, rejected_0, chosen_1, ...), on one device too, so that
     a mesh splitting the batch by pair draws the same dropout masks (hashed from element indices)."""
@@ -88,7 +89,8 @@ def _apply_interleaved(model, ids, key, dropout: bool, pairs_sharding):
     pairs = ids.reshape(2, n // 2, T).swapaxes(0, 1).reshape(n, T)  # (2, b, T) -> (b, 2, T) -> (2b, T)
     if pairs_sharding is not None:
         pairs = jax.lax.with_sharding_constraint(pairs, pairs_sharding)
-    rewards = model(pairs, deterministic=not dropout, rngs=nnx.Rngs(dropout=key))
+    plan = execution_plan(model.config, n, T, devices)  # for the devices the step runs on
+    rewards = model(pairs, deterministic=not dropout, rngs=nnx.Rngs(dropout=key), plan=plan)
     return rewards.reshape(n // 2, 2, T).swapaxes(0, 1).reshape(n, T)  # (b, 2, T) -> (2, b, T) -> (2b, T)
 
 
@@ -98,10 +100,11 @@ def _make_objective(model_config: ModelConfig, tc: TrainConfig, mesh):
     whole batch's denominators (jaxrm.loss.loss_denominators)."""
     graphdef = model_graphdef(model_config)
     pairs_sharding = None if mesh is None else NamedSharding(mesh, P(shd.BATCH_AXES))
+    devices = jax.devices() if mesh is None else list(mesh.devices.flat)
 
     def objective(params, rows, key, denominators):
         model = nnx.merge(graphdef, params)
-        rewards = _apply_interleaved(model, rows["input_ids"], key, model_config.has_dropout, pairs_sharding)
+        rewards = _apply_interleaved(model, rows["input_ids"], key, model_config.has_dropout, pairs_sharding, devices)
         out = pairwise_loss(rewards, rows["input_ids"], model_config.pad_id, **_loss_options(tc, rows))
         return reduce_loss(out.per_pair_loss, out.centered, *denominators, tc.center_rewards_coef), out
 
