@@ -1,4 +1,5 @@
 """Shared by tests/ and parity_tests/: float32 matmuls at the highest precision, and `jax_device`."""
+
 import jax
 import pytest
 

@@ -1,4 +1,5 @@
 """python -m benchmarks [--quick] [--json FILE] [--out DIR] ...  (see benchmarks/run.py)"""
+
 import sys
 
 from jaxrm import runtime

@@ -32,7 +32,9 @@ def run(seed: int = 0) -> dict:
     vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit(train_texts)
 
     def diff(pairs):  # (N, V) sparse: tfidf(chosen) - tfidf(rejected)
-        return vec.transform([p.prompt + p.chosen for p in pairs]) - vec.transform([p.prompt + p.rejected for p in pairs])
+        return vec.transform([p.prompt + p.chosen for p in pairs]) - vec.transform(
+            [p.prompt + p.rejected for p in pairs]
+        )
 
     d = {s: diff(pairs) for s, pairs in splits.items()}
     x_train = vstack([d["train"], -d["train"]])  # (2N, V): both orders, so the classes are balanced
@@ -44,7 +46,9 @@ def run(seed: int = 0) -> dict:
     best = None
     per_c = {}
     for c in C_GRID:
-        model = LogisticRegression(C=c, fit_intercept=False, max_iter=2000, random_state=seed).fit(x_train, y_train)
+        model = LogisticRegression(C=c, fit_intercept=False, max_iter=2000, random_state=seed).fit(
+            x_train, y_train
+        )
         per_c[c] = accuracy(model, d["validation"])
         if best is None or per_c[c] > per_c[best[0]]:
             best = (c, model)
@@ -64,12 +68,17 @@ def run(seed: int = 0) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="TF-IDF + logistic regression pairwise baseline")
-    ap.add_argument("--json", nargs="?", const="-", metavar="FILE", help="write results as JSON (stdout if no FILE)")
+    ap.add_argument(
+        "--json", nargs="?", const="-", metavar="FILE", help="write results as JSON (stdout if no FILE)"
+    )
     args = ap.parse_args(argv)
     res = run()
-    print(f"tfidf+logreg (C={res['C']}, {res['vocabulary']} features): pairwise accuracy "
-          f"train {res['train_accuracy']:.4f}  validation {res['validation_accuracy']:.4f}  "
-          f"test {res['test_accuracy']:.4f}  ({res['seconds']} s)", file=sys.stderr if args.json == "-" else sys.stdout)
+    print(
+        f"tfidf+logreg (C={res['C']}, {res['vocabulary']} features): pairwise accuracy "
+        f"train {res['train_accuracy']:.4f}  validation {res['validation_accuracy']:.4f}  "
+        f"test {res['test_accuracy']:.4f}  ({res['seconds']} s)",
+        file=sys.stderr if args.json == "-" else sys.stdout,
+    )
     if args.json == "-":
         print(json.dumps(res, indent=2))
     elif args.json:

@@ -4,6 +4,7 @@ Tokens/step = 2 * pairs * T (chosen + rejected rows, padding included: both side
 Model FLOPs (nanoGPT's estimate): per token 6N + 12 L d T for a train step, 2N + 4 L d T for
 scoring, N = parameters of the matmuls (embeddings are gathers and excluded).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,11 +16,11 @@ from jaxrm.config import model_preset
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    name: str          # e.g. "small" or "seq512"
-    preset: str        # model preset
+    name: str  # e.g. "small" or "seq512"
+    preset: str  # model preset
     pairs: int
     T: int
-    dtype: str         # float32 | bfloat16
+    dtype: str  # float32 | bfloat16
     group: str = "main"  # main | seqlen | short
 
     @property

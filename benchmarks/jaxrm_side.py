@@ -4,6 +4,7 @@ and the train step's memory under each execution plan, from XLA's buffer assignm
 Train step = forward + pairwise loss + backward + clip + AdamW, as `jaxrm train` runs it.
 Score = the rewards at each row's last real token, as `jaxrm score` runs it.
 """
+
 from __future__ import annotations
 
 import time
@@ -61,7 +62,7 @@ def _prepare_score(cfg, case: Case, jbatch: dict):
     @jax.jit
     def score(params, ids):  # what jaxrm.score runs: the rewards at each row's last real token
         scores = nnx.merge(graphdef, params).scores_at(ids, sequence_ends(ids, cfg.pad_id) - 1)  # (2B,)
-        return scores[:case.pairs], scores[case.pairs:]
+        return scores[: case.pairs], scores[case.pairs :]
 
     ids = jbatch["input_ids"]
     score, plan["compile_s"] = _compile_ahead(score, params, ids)
@@ -87,18 +88,31 @@ def plan_memory(preset: str, pairs: int, T: int, plans=REMAT_PLANS) -> list[dict
     plans too large for this machine are reported."""
     case = Case(preset, preset, pairs, T, "float32")
     tc = TrainConfig(batch_size=pairs)
-    batch = {"input_ids": jax.ShapeDtypeStruct((2, pairs, T), jnp.int32),  # the train step's layout
-             "margins": jax.ShapeDtypeStruct((pairs,), jnp.float32)}
+    batch = {
+        "input_ids": jax.ShapeDtypeStruct((2, pairs, T), jnp.int32),  # the train step's layout
+        "margins": jax.ShapeDtypeStruct((pairs,), jnp.float32),
+    }
     rows = []
     for scan, remat in plans:
         cfg = model_config(case).replace(scan_layers=scan, remat=remat)
         t0 = time.perf_counter()
         compiled = make_train_step(cfg, tc).lower(abstract_train_state(cfg, tc), batch).compile()
         mem = compiled.memory_analysis()
-        rows.append({"preset": preset, "pairs": pairs, "T": T, "scan_layers": scan, "remat": remat,
-                     "temp_mb": mem.temp_size_in_bytes / 2**20,
-                     "argument_mb": mem.argument_size_in_bytes / 2**20,
-                     "compile_s": time.perf_counter() - t0})
-        print(f"# memory {preset} {pairs}x{T} scan={scan} remat={remat}: temp {rows[-1]['temp_mb']:.0f} MB "
-              f"(compile {rows[-1]['compile_s']:.1f}s)", flush=True)
+        rows.append(
+            {
+                "preset": preset,
+                "pairs": pairs,
+                "T": T,
+                "scan_layers": scan,
+                "remat": remat,
+                "temp_mb": mem.temp_size_in_bytes / 2**20,
+                "argument_mb": mem.argument_size_in_bytes / 2**20,
+                "compile_s": time.perf_counter() - t0,
+            }
+        )
+        print(
+            f"# memory {preset} {pairs}x{T} scan={scan} remat={remat}: temp {rows[-1]['temp_mb']:.0f} MB "
+            f"(compile {rows[-1]['compile_s']:.1f}s)",
+            flush=True,
+        )
     return rows

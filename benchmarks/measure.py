@@ -10,6 +10,7 @@ Memory on CPU: the process's peak RSS during the case (VmHWM, reset through
 /proc/self/clear_refs before each case) minus the RSS before it: what the case added;
 on accelerators: the device's peak_bytes_in_use.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -104,9 +105,14 @@ def summarize(times: list[float], tokens: int, flops_tok: float, peak: float | N
     med = float(np.median(t))
     q1, q3 = np.percentile(t, [25, 75])
     out = {
-        "steps": len(times), "step_s_median": med, "step_s_min": float(t.min()),
-        "step_s_max": float(t.max()), "step_s_iqr": float(q3 - q1), "tokens_per_s": tokens / med,
-        "tokens_per_s_min": tokens / float(t.max()), "tokens_per_s_max": tokens / float(t.min()),
+        "steps": len(times),
+        "step_s_median": med,
+        "step_s_min": float(t.min()),
+        "step_s_max": float(t.max()),
+        "step_s_iqr": float(q3 - q1),
+        "tokens_per_s": tokens / med,
+        "tokens_per_s_min": tokens / float(t.max()),
+        "tokens_per_s_max": tokens / float(t.min()),
         "spread_pct": 100.0 * float(t.max() - t.min()) / med,
     }
     out["mfu"] = (flops_tok * tokens / med) / peak if peak else None
@@ -158,10 +164,15 @@ def run_case(case: Case, batch: dict, args, peaks: dict, impls: dict) -> dict:
                     raise
                 out[name][mode] = {"error": repr(e)[:300]}
         times = _time_interleaved({name: r[0] for name, r in runners.items()}, steps, args.max_seconds)
-        for name, (one, first, mem, info) in runners.items():
+        for name, (_, first, mem, info) in runners.items():
             r = summarize(times[name], case.tokens, flops_per_token(cfg, case.T, mode == "train"), peak)
-            r.update(first_step_s=first, peak_rss_mb=mem.peak_mb, added_mb=mem.added_mb,
-                     memory_method=mem.method, **info)
+            r.update(
+                first_step_s=first,
+                peak_rss_mb=mem.peak_mb,
+                added_mb=mem.added_mb,
+                memory_method=mem.method,
+                **info,
+            )
             out[name][mode] = r
         del runners
         gc.collect()
@@ -171,10 +182,18 @@ def run_case(case: Case, batch: dict, args, peaks: dict, impls: dict) -> dict:
 # ----------------------------------------------------------------------------- peak FLOP/s
 
 PUBLISHED_PEAK = {  # dense TFLOP/s: (float32 or tf32 off, bfloat16)
-    "H100": (67e12, 989e12), "A100": (19.5e12, 312e12), "L4": (30e12, 121e12),
-    "A10": (31e12, 125e12), "V100": (15.7e12, 125e12), "T4": (8.1e12, 65e12),
-    "TPU v6": (None, 918e12), "TPU v5p": (None, 459e12), "TPU v5": (None, 197e12),
-    "TPU v4": (None, 275e12), "TPU v3": (None, 123e12), "TPU v2": (None, 45e12),
+    "H100": (67e12, 989e12),
+    "A100": (19.5e12, 312e12),
+    "L4": (30e12, 121e12),
+    "A10": (31e12, 125e12),
+    "V100": (15.7e12, 125e12),
+    "T4": (8.1e12, 65e12),
+    "TPU v6": (None, 918e12),
+    "TPU v5p": (None, 459e12),
+    "TPU v5": (None, 197e12),
+    "TPU v4": (None, 275e12),
+    "TPU v3": (None, 123e12),
+    "TPU v2": (None, 45e12),
 }
 
 
@@ -190,7 +209,7 @@ def _best_rate(fn, flops, repeats):
 
 def _matmul_rates(n: int, reps: int, cpu: bool, with_torch: bool) -> dict:
     """FLOP/s of an n x n matmul, best of reps: numpy (CPU only), jax and torch; float32 and bfloat16."""
-    flops = 2.0 * n ** 3
+    flops = 2.0 * n**3
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), np.float32)
     b = rng.standard_normal((n, n), np.float32)
@@ -205,6 +224,7 @@ def _matmul_rates(n: int, reps: int, cpu: bool, with_torch: bool) -> dict:
     out["jax_bfloat16"] = _best_rate(lambda: mm16(ja16, jb16).block_until_ready(), flops, reps)
     if with_torch:
         import torch  # optional: --no-torch runs without it
+
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
         out["torch_float32"] = _best_rate(lambda: ta @ tb, flops, reps)
         ta16, tb16 = ta.bfloat16(), tb.bfloat16()
@@ -241,12 +261,20 @@ def allocator() -> str:
 
 def machine_info() -> dict:
     """Date, versions, devices, CPU model, cores, memory, allocator and XLA_FLAGS of this run."""
-    info = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "jax": jax.__version__,
-            "jax_backend": jax.default_backend(), "jax_devices": [d.device_kind for d in jax.devices()],
-            "platform": platform.platform(), "cpu_count": os.cpu_count(), "allocator": allocator()}
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [d.device_kind for d in jax.devices()],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "allocator": allocator(),
+    }
     info["flax"] = flax.__version__
     try:
         import torch  # optional: reported when installed
+
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
     except ImportError:

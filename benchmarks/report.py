@@ -4,6 +4,7 @@ report = {"machine": machine_info(), "peaks": measure_peaks(), "args": the flags
           "results": [{"case": ..., "jaxrm": {mode: figures}, "torchref": ...}, ...],
           "plan_memory": plan_memory() rows, "wall_s": seconds}
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,9 @@ def _fmt(x, nd=0):
 def _header(report: dict) -> list[str]:
     m = report["machine"]
     p = report["peaks"]
-    rates = ", ".join(f"{k} {v / 1e9:.0f} G" for k, v in p.items()
-                      if k.split('_')[0] in ("numpy", "jax", "torch"))
+    rates = ", ".join(
+        f"{k} {v / 1e9:.0f} G" for k, v in p.items() if k.split("_")[0] in ("numpy", "jax", "torch")
+    )
     return [
         f"Machine: {m.get('cpu')} ({m.get('cpu_count')} cores, {m.get('mem_gb')} GB), JAX {m.get('jax')} "
         f"({m.get('jax_backend')}), torch {m.get('torch', '-')}, allocator {m.get('allocator')}, "
@@ -65,17 +67,26 @@ def _case_rows(r: dict) -> list[str]:
                 + f" | {'-' if ratio is None else f'**{ratio:.2f}x**'} | "
                 f"{_pct(jm.get('mfu'))} | {_pct(tm.get('mfu') if tm else None)} | "
                 f"{_fmt(jm.get('compile_s'), 1)} | {jm['first_step_s']:.1f} | "
-                f"{_fmt(jm.get('added_mb'))} / {_fmt(tm.get('added_mb') if tm else None)} |")
+                f"{_fmt(jm.get('added_mb'))} / {_fmt(tm.get('added_mb') if tm else None)} |"
+            )
     return rows
 
 
 def _plan_memory_table(memory: list[dict]) -> list[str]:
     r0 = memory[0]
-    lines = ["", f"Train-step memory by execution plan, {r0['preset']} {r0['pairs']}x{r0['T']} float32 "
-             "(XLA buffer assignment of the compiled step; params + optimizer state are the arguments):", "",
-             "| scan_layers | remat | temporaries MB | arguments MB | compile s |", "|---|---|---|---|---|"]
-    return lines + [f"| {r['scan_layers']} | {r['remat']} | {_fmt(r['temp_mb'])} | "
-                    f"{_fmt(r['argument_mb'])} | {r['compile_s']:.1f} |" for r in memory]
+    lines = [
+        "",
+        f"Train-step memory by execution plan, {r0['preset']} {r0['pairs']}x{r0['T']} float32 "
+        "(XLA buffer assignment of the compiled step; params + optimizer state are the arguments):",
+        "",
+        "| scan_layers | remat | temporaries MB | arguments MB | compile s |",
+        "|---|---|---|---|---|",
+    ]
+    return lines + [
+        f"| {r['scan_layers']} | {r['remat']} | {_fmt(r['temp_mb'])} | "
+        f"{_fmt(r['argument_mb'])} | {r['compile_s']:.1f} |"
+        for r in memory
+    ]
 
 
 def markdown(report: dict) -> str:
@@ -84,10 +95,12 @@ def markdown(report: dict) -> str:
     for r in report["results"]:
         lines += _case_rows(r)
     lines.append("")
-    lines.append("tok/s: median over timed steps after warm-up (min-max in brackets); "
-                 "ratio = jaxrm / torchref; compile = trace, lower and XLA compile (ahead of time); "
-                 "first step = the first run after it, its one-off costs included; "
-                 "peak MB = peak RSS added during the case.")
+    lines.append(
+        "tok/s: median over timed steps after warm-up (min-max in brackets); "
+        "ratio = jaxrm / torchref; compile = trace, lower and XLA compile (ahead of time); "
+        "first step = the first run after it, its one-off costs included; "
+        "peak MB = peak RSS added during the case."
+    )
     if report.get("plan_memory"):
         lines += _plan_memory_table(report["plan_memory"])
     return "\n".join(lines)
@@ -95,8 +108,10 @@ def markdown(report: dict) -> str:
 
 def _throughput_panel(ax, main: list[dict], mode: str) -> None:
     """Bars: tokens/s of each implementation per main case, min-max as error bars, log scale."""
-    labels = [f"{r['case']['name']}\n{r['case']['dtype'].replace('float', 'f').replace('bfloat', 'bf')}"
-              for r in main]
+    labels = [
+        f"{r['case']['name']}\n{r['case']['dtype'].replace('float', 'f').replace('bfloat', 'bf')}"
+        for r in main
+    ]
     impls = [i for i in ("jaxrm", "torchref", "torchref+compile") if any(mode in r.get(i, {}) for r in main)]
     w = 0.8 / max(1, len(impls))
     x = np.arange(len(main))
@@ -130,6 +145,7 @@ def _seqlen_panel(ax, seq: list[dict]) -> None:
 def plot(report: dict, path: str) -> None:
     """bench.png: train and score throughput per case; sequence-length scaling when measured."""
     import matplotlib  # lazily: only when a plot is asked for
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -172,5 +188,8 @@ def write(report: dict, out_dir: str, json_path: str | None, with_plot: bool) ->
         plot(report, os.path.join(out_dir, "bench.png"))
     print()
     print(md)
-    print(f"\n# wrote {json_path}, {out_dir}/bench.md" + (f", {out_dir}/bench.png" if with_plot else "")
-          + f" in {report['wall_s']:.0f}s")
+    print(
+        f"\n# wrote {json_path}, {out_dir}/bench.md"
+        + (f", {out_dir}/bench.png" if with_plot else "")
+        + f" in {report['wall_s']:.0f}s"
+    )

@@ -15,6 +15,7 @@ the median tokens/s over repeated steps after warm-up (compile time and the firs
 reported apart), the spread, peak memory and MFU (benchmarks/measure.py), and writes
 bench.json, bench.md and bench.png (benchmarks/report.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,24 +39,36 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="tiny + a reduced small case, float32 (< 2 minutes)")
     p.add_argument("--json", metavar="FILE", help="write the full report here (default OUT/bench.json)")
     p.add_argument("--out", metavar="DIR", default="bench_results", help="directory for bench.json/.md/.png")
-    p.add_argument("--configs", nargs="+", default=["tiny", "small", "gpt2"],
-                   choices=["tiny", "small", "gpt2"])
-    p.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16"],
-                   help="default: float32 bfloat16 on CPU, bfloat16 on GPU/TPU")
+    p.add_argument(
+        "--configs", nargs="+", default=["tiny", "small", "gpt2"], choices=["tiny", "small", "gpt2"]
+    )
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="default: float32 bfloat16 on CPU, bfloat16 on GPU/TPU",
+    )
     p.add_argument("--modes", nargs="+", default=["train", "score"], choices=["train", "score"])
     p.add_argument("--no-seqlen", dest="seqlen", action="store_false", help="skip T=128..1024 scaling")
     p.add_argument("--no-short", dest="short", action="store_false", help="skip many short pairs (64 x T=64)")
-    p.add_argument("--no-plan-memory", dest="plan_memory", action="store_false",
-                   help="skip the train-step memory of each remat/scan plan (gpt2, compile only)")
+    p.add_argument(
+        "--no-plan-memory",
+        dest="plan_memory",
+        action="store_false",
+        help="skip the train-step memory of each remat/scan plan (gpt2, compile only)",
+    )
     p.add_argument("--no-torch", action="store_true", help="jaxrm only")
     p.add_argument("--torch-compile", action="store_true", help="also torchref with torch.compile'd blocks")
     p.add_argument("--steps", type=int, default=None, help="timed train steps per case")
     p.add_argument("--score-steps", type=int, default=None, help="timed scoring calls per case")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps after the first call")
-    p.add_argument("--max-seconds", type=float, default=None,
-                   help="stop timing a case after this long (>= 3 steps)")
-    p.add_argument("--no-tcmalloc", action="store_true",
-                   help="do not re-exec with tcmalloc (also JAXRM_NO_TCMALLOC=1)")
+    p.add_argument(
+        "--max-seconds", type=float, default=None, help="stop timing a case after this long (>= 3 steps)"
+    )
+    p.add_argument(
+        "--no-tcmalloc", action="store_true", help="do not re-exec with tcmalloc (also JAXRM_NO_TCMALLOC=1)"
+    )
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
@@ -93,11 +106,15 @@ def _print_case(case: Case, entry: dict, modes: list[str]) -> None:
     for mode in modes:
         j = entry["jaxrm"][mode]
         t = entry.get("torchref", {}).get(mode)
-        msg = (f"{case.name:>11} {case.dtype:>8} {mode:>5}: jaxrm {j['tokens_per_s']:9.0f} tok/s "
-               f"(first {j['first_step_s']:.1f}s, spread {j['spread_pct']:.0f}%)")
+        msg = (
+            f"{case.name:>11} {case.dtype:>8} {mode:>5}: jaxrm {j['tokens_per_s']:9.0f} tok/s "
+            f"(first {j['first_step_s']:.1f}s, spread {j['spread_pct']:.0f}%)"
+        )
         if t:
-            msg += (f" | torchref {t['tokens_per_s']:9.0f} tok/s (spread {t['spread_pct']:.0f}%)"
-                    f" | ratio {j['tokens_per_s'] / t['tokens_per_s']:.2f}x")
+            msg += (
+                f" | torchref {t['tokens_per_s']:9.0f} tok/s (spread {t['spread_pct']:.0f}%)"
+                f" | ratio {j['tokens_per_s'] / t['tokens_per_s']:.2f}x"
+            )
         print(msg, flush=True)
 
 
@@ -108,8 +125,10 @@ def run_cases(args, machine: dict, peaks: dict, with_torch: bool) -> list[dict]:
     for case in cases_for(args):
         cfg = model_config(case)
         batch = make_batch(cfg, case.pairs, case.T)
-        entry = {"case": dataclasses.asdict(case) | {"tokens_per_step": case.tokens,
-                                                      "matmul_params": matmul_params(cfg)}}
+        entry = {
+            "case": dataclasses.asdict(case)
+            | {"tokens_per_step": case.tokens, "matmul_params": matmul_params(cfg)}
+        }
         entry.update(run_case(case, batch, args, peaks, impls))
         results.append(entry)
         _print_case(case, entry, args.modes)
@@ -129,15 +148,27 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     machine = machine_info()
-    print(f"# {machine['cpu']} x{machine['cpu_count']}, jax {machine['jax']} ({machine['jax_backend']}), "
-          f"allocator {machine['allocator']}", flush=True)
+    print(
+        f"# {machine['cpu']} x{machine['cpu_count']}, jax {machine['jax']} ({machine['jax_backend']}), "
+        f"allocator {machine['allocator']}",
+        flush=True,
+    )
     peaks = measure_peaks(args.quick, with_torch)
-    print("# peak FLOP/s: " + ", ".join(f"{k}={v / 1e9:.0f}G" for k, v in peaks.items()
-                                        if isinstance(v, float)), flush=True)
+    print(
+        "# peak FLOP/s: "
+        + ", ".join(f"{k}={v / 1e9:.0f}G" for k, v in peaks.items() if isinstance(v, float)),
+        flush=True,
+    )
     results = run_cases(args, machine, peaks, with_torch)
     memory = plan_memory("gpt2", 4, 512) if args.plan_memory and "gpt2" in args.configs else []
-    full = {"machine": machine, "peaks": peaks, "args": {k: v for k, v in vars(args).items()},
-            "results": results, "plan_memory": memory, "wall_s": time.perf_counter() - t_start}
+    full = {
+        "machine": machine,
+        "peaks": peaks,
+        "args": {k: v for k, v in vars(args).items()},
+        "results": results,
+        "plan_memory": memory,
+        "wall_s": time.perf_counter() - t_start,
+    }
     report.write(full, args.out, args.json, with_plot=not args.no_plot)
     return 0
 

@@ -4,6 +4,7 @@ Train step = `forward(..., return_loss=True)`, `backward`, `clip_grad_norm_`, th
 `configure_optimizers`; eager, or with torch.compile'd blocks. bfloat16 = torch autocast.
 torch is imported only here, inside prepare_torch, so that `--no-torch` runs without it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,8 +44,9 @@ def prepare_torch(case: Case, batch: dict, mode: str, compiled: bool = False):
     if mode == "train":
         model.train()
         with contextlib.redirect_stdout(io.StringIO()):
-            opt = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95),
-                                             device_type=device)
+            opt = model.configure_optimizers(
+                weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95), device_type=device
+            )
 
         def one():
             with autocast():

@@ -2,17 +2,38 @@
 
 Names are imported lazily, so `jaxrm` (the CLI) can set up the process before JAX loads.
 """
+
 import importlib
 
 _EXPORTS = {
-    "ModelConfig": "jaxrm.config", "TrainConfig": "jaxrm.config", "RunConfig": "jaxrm.config",
-    "MODEL_PRESETS": "jaxrm.config", "model_preset": "jaxrm.config", "run_preset": "jaxrm.config",
+    "ModelConfig": "jaxrm.config",
+    "TrainConfig": "jaxrm.config",
+    "RunConfig": "jaxrm.config",
+    "MODEL_PRESETS": "jaxrm.config",
+    "model_preset": "jaxrm.config",
+    "run_preset": "jaxrm.config",
     "RewardModel": "jaxrm.model",
-    "pairwise_loss": "jaxrm.loss", "PairwiseOutput": "jaxrm.loss", "sequence_ends": "jaxrm.loss",
-    "validate_pair_batch": "jaxrm.loss", "PairBatchError": "jaxrm.loss",
+    "pairwise_loss": "jaxrm.loss",
+    "PairwiseOutput": "jaxrm.loss",
+    "sequence_ends": "jaxrm.loss",
+    "validate_pair_batch": "jaxrm.loss",
+    "PairBatchError": "jaxrm.loss",
 }
-_SUBMODULES = ("convert", "state", "step", "loop", "evaluate", "metrics", "data", "tokenizer", "checkpoint",
-               "optim", "loss", "model", "config")
+_SUBMODULES = (
+    "convert",
+    "state",
+    "step",
+    "loop",
+    "evaluate",
+    "metrics",
+    "data",
+    "tokenizer",
+    "checkpoint",
+    "optim",
+    "loss",
+    "model",
+    "config",
+)
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -12,6 +12,7 @@ naming the keys.
 Safetensors exports carry the sha256 of each tensor in their metadata (safetensors checks its
 header but not the tensor bytes); load_safetensors verifies it when present.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -74,7 +75,9 @@ def check_manifest(step_dir: pathlib.Path) -> None:
         if not path.is_file():
             raise CorruptCheckpoint(f"{path}: missing (listed in {MANIFEST})")
         if path.stat().st_size != want["bytes"]:
-            raise CorruptCheckpoint(f"{path}: {path.stat().st_size} bytes, {want['bytes']} when saved (truncated?)")
+            raise CorruptCheckpoint(
+                f"{path}: {path.stat().st_size} bytes, {want['bytes']} when saved (truncated?)"
+            )
         if _sha256(path) != want["sha256"]:
             raise CorruptCheckpoint(f"{path}: sha256 differs from the one recorded when saved (file damaged)")
 
@@ -90,11 +93,15 @@ def unflatten(target, flat: dict, where: str):
     expected = {jax.tree_util.keystr(p): leaf for p, leaf in paths_and_leaves}
     missing, unexpected = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{where} does not match this run's model/optimizer: "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(
+            f"{where} does not match this run's model/optimizer: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for key, leaf in expected.items():
         if np.shape(flat[key]) != np.shape(leaf):
-            raise CheckpointError(f"{where}: {key} has shape {np.shape(flat[key])}, this run needs {np.shape(leaf)}")
+            raise CheckpointError(
+                f"{where}: {key} has shape {np.shape(flat[key])}, this run needs {np.shape(leaf)}"
+            )
     return jax.tree_util.tree_unflatten(treedef, [flat[jax.tree_util.keystr(p)] for p, _ in paths_and_leaves])
 
 
@@ -105,8 +112,10 @@ class Checkpointer:
         self.directory = pathlib.Path(directory).absolute()
         self.keep = keep
         self._verified: set[int] = set()
-        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            create=True, enable_async_checkpointing=False))  # no max_to_keep: we delete after the manifest
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+        )  # no max_to_keep: we delete after the manifest
 
     def step_dir(self, step: int) -> pathlib.Path:
         return self.directory / str(step)
@@ -144,11 +153,14 @@ class Checkpointer:
                 report(f"{e}; moved it to {self._move_aside(step, kind)}; using an earlier checkpoint")
         if jax.process_count() > 1:  # every process sees the renames before listing the steps again
             from jax.experimental import multihost_utils
+
             multihost_utils.sync_global_devices("jaxrm: checkpoints verified")
         self.manager.reload()
         if found is None and corrupt:
-            raise CheckpointError(f"no intact checkpoint left in {self.directory}: step(s) {corrupt} are corrupt "
-                                  f"(moved to STEP.corrupt). Run the same command again to start over from step 0.")
+            raise CheckpointError(
+                f"no intact checkpoint left in {self.directory}: step(s) {corrupt} are corrupt "
+                f"(moved to STEP.corrupt). Run the same command again to start over from step 0."
+            )
         return found
 
     def _move_aside(self, step: int, kind: str) -> pathlib.Path:
@@ -163,28 +175,39 @@ class Checkpointer:
         """Save `step`, write its manifest, then delete complete steps beyond the newest `keep`."""
         threads = set(threading.enumerate())
         try:
-            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flatten(state)),
-                                                            meta=ocp.args.JsonSave(meta)), force=True)
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(flatten(state)), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
             self.manager.wait_until_finished()
             if jax.process_index() == 0:
                 write_manifest(self.step_dir(step))
         except Exception as e:  # disk full, permissions, ...: earlier steps stay intact
             previous = self.latest_step()
             self._clean_failed_save(step, threads)
-            raise CheckpointError(f"could not save checkpoint step {step} in {self.directory}: {e}. "
-                                  + (f"Checkpoint step {previous} is intact: fix the cause and run the same "
-                                     f"command again to resume from it." if previous is not None else
-                                     "No earlier checkpoint.")) from e
+            raise CheckpointError(
+                f"could not save checkpoint step {step} in {self.directory}: {e}. "
+                + (
+                    f"Checkpoint step {previous} is intact: fix the cause and run the same "
+                    f"command again to resume from it."
+                    if previous is not None
+                    else "No earlier checkpoint."
+                )
+            ) from e
         self._verified.add(step)
-        for old in sorted(self.manager.all_steps())[:-self.keep]:
+        for old in sorted(self.manager.all_steps())[: -self.keep]:
             self.manager.delete(old)
 
     def _clean_failed_save(self, step: int, threads_before: set) -> None:
         """Remove what a failed save left (frees the space it took): its temporary and manifest-less
         directories, once the writer threads the save started have stopped."""
         deadline = time.time() + 60
-        while (writers := [t for t in set(threading.enumerate()) - threads_before if t.is_alive()]) \
-                and time.time() < deadline:
+        while (
+            writers := [t for t in set(threading.enumerate()) - threads_before if t.is_alive()]
+        ) and time.time() < deadline:
             for thread in writers:
                 try:
                     thread.join(timeout=max(deadline - time.time(), 0))
@@ -212,16 +235,24 @@ class Checkpointer:
         step = self._step(step)
         abstract = {k: ocp.utils.to_shape_dtype_struct(v) for k, v in flatten(target_state).items()}
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                ),
+            )
         except Exception as e:
             raise CheckpointError(f"cannot restore checkpoint step {step} in {self.directory}: {e}") from e
-        return unflatten(target_state, dict(restored.state), f"checkpoint step {step} in {self.directory}"), restored.meta
+        return unflatten(
+            target_state, dict(restored.state), f"checkpoint step {step} in {self.directory}"
+        ), restored.meta
 
     def _step(self, step):
         step = self.latest_step() if step is None else step
         if step is None or step not in self.manager.all_steps():
-            raise CheckpointError(f"no checkpoint{'' if step is None else f' step {step}'} in {self.directory}")
+            raise CheckpointError(
+                f"no checkpoint{'' if step is None else f' step {step}'} in {self.directory}"
+            )
         self.verify(step)
         return step
 
@@ -232,6 +263,7 @@ class Checkpointer:
 def save_safetensors(state_dict: dict[str, np.ndarray], path, metadata: dict[str, str] | None = None) -> None:
     """Weights under torchref's state_dict keys; written to a temp file and renamed (atomic)."""
     from safetensors.numpy import save_file
+
     path = pathlib.Path(path)
     tensors = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
     digests = json.dumps({k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in tensors.items()})
@@ -244,6 +276,7 @@ def load_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(state_dict, metadata) from a safetensors file: data only, no code. Tensors are checked
     against the sha256s in the metadata when the file has them (files written by save_safetensors)."""
     from safetensors import safe_open
+
     path = pathlib.Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -258,9 +291,12 @@ def load_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         except ValueError:
             raise CheckpointError(f"{path}: unreadable {TENSOR_SHA256} metadata (file damaged)") from None
         if set(digests) != set(state_dict):
-            raise CheckpointError(f"{path}: tensor names differ from those recorded when saved (file damaged)")
+            raise CheckpointError(
+                f"{path}: tensor names differ from those recorded when saved (file damaged)"
+            )
         for k, v in state_dict.items():
             if hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() != digests[k]:
-                raise CheckpointError(f"{path}: tensor {k!r} differs from the sha256 recorded when saved "
-                                      f"(file damaged)")
+                raise CheckpointError(
+                    f"{path}: tensor {k!r} differs from the sha256 recorded when saved (file damaged)"
+                )
     return state_dict, metadata

@@ -3,6 +3,7 @@
 ModelConfig uses the original constructor's field names, so
 `torchref.RewardModel(**config.torch_kwargs())` builds the same model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,10 +33,12 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     dtype: str = "float32"  # matmul compute dtype; params, LayerNorm, softmax, head stay float32
     # Execution plan: how the same function is computed (jaxrm/model.py, benchmarks/NOTES.md).
-    attention: str = "auto"     # auto (blocked on CPU, sdpa elsewhere) | blocked | sdpa (jax.nn.dot_product_attention)
+    attention: str = (
+        "auto"  # auto (blocked on CPU, sdpa elsewhere) | blocked | sdpa (jax.nn.dot_product_attention)
+    )
     attention_block: int = 128  # query rows per block of the blocked causal attention; 0 = one block
-    remat: str = "auto"         # auto | none | attention | block: what the backward pass recomputes
-    scan_layers: str = "auto"   # auto | on | off: lax.scan over the blocks (auto: on when remat is)
+    remat: str = "auto"  # auto | none | attention | block: what the backward pass recomputes
+    scan_layers: str = "auto"  # auto | on | off: lax.scan over the blocks (auto: on when remat is)
     remat_budget: float = 0.15  # auto remat when stored activations would exceed this fraction of RAM
 
     def __post_init__(self):
@@ -46,7 +49,9 @@ class ModelConfig:
         if self.vocab_size < 2:
             raise ValueError("ModelConfig.vocab_size must be >= 2 (the last id is PAD)")
         if self.d_model % self.num_heads:
-            raise ValueError(f"ModelConfig.d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+            raise ValueError(
+                f"ModelConfig.d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
+            )
         for name in ("embed_pdrop", "attn_pdrop", "resid_pdrop", "dropout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
@@ -58,7 +63,11 @@ class ModelConfig:
         for name, choices in (("attention", ATTENTIONS), ("remat", REMATS), ("scan_layers", SCAN_LAYERS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"ModelConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
-        if not isinstance(self.attention_block, int) or isinstance(self.attention_block, bool) or self.attention_block < 0:
+        if (
+            not isinstance(self.attention_block, int)
+            or isinstance(self.attention_block, bool)
+            or self.attention_block < 0
+        ):
             raise ValueError(f"ModelConfig.attention_block must be an int >= 0, got {self.attention_block!r}")
         if not 0.0 < self.remat_budget <= 1.0:
             raise ValueError(f"ModelConfig.remat_budget must be in (0, 1], got {self.remat_budget!r}")
@@ -79,14 +88,24 @@ class ModelConfig:
 
     def torch_kwargs(self) -> dict:
         """Arguments for torchref.RewardModel (the original's constructor)."""
-        names = ("vocab_size", "d_model", "block_size", "embed_pdrop", "num_heads", "dff",
-                 "attn_pdrop", "resid_pdrop", "dropout", "num_layer")
+        names = (
+            "vocab_size",
+            "d_model",
+            "block_size",
+            "embed_pdrop",
+            "num_heads",
+            "dff",
+            "attn_pdrop",
+            "resid_pdrop",
+            "dropout",
+            "num_layer",
+        )
         return {name: getattr(self, name) for name in names}
 
     PLAN_FIELDS = ("attention", "attention_block", "remat", "scan_layers", "remat_budget")
     """Fields that change how, not what, the model computes: a run may resume with other values."""
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -120,70 +139,90 @@ EVAL_BATCH_SIZE = 64
 @dataclass(frozen=True)
 class TrainConfig:
     # optimisation (the original's configure_optimizers + nanoGPT's schedule)
-    batch_size: int = 16               # pairs per optimizer step (global)
-    grad_accum_steps: int = 1          # micro-batches per step; batch_size must divide by it
+    batch_size: int = 16  # pairs per optimizer step (global)
+    grad_accum_steps: int = 1  # micro-batches per step; batch_size must divide by it
     max_steps: int = 1000
     learning_rate: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 100
-    lr_decay_steps: int = 0            # 0: decay until max_steps
+    lr_decay_steps: int = 0  # 0: decay until max_steps
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0             # 0 disables
+    grad_clip: float = 1.0  # 0 disables
     # loss (defaults: the original)
     loss_type: str = "span"
-    use_margins: bool = False          # subtract the data's per-pair margin inside the logsigmoid
+    use_margins: bool = False  # subtract the data's per-pair margin inside the logsigmoid
     center_rewards_coef: float = 0.0
     normalize_by: str = "pairs"
     # data
-    data: str = ""                     # "" = the bundled VADER pairs; else a JSON Lines file
-    eval_data: str = ""                # validation pairs; "" = bundled validation split (with bundled data only)
-    tokenizer: str = "gpt2"            # gpt2 | byte | path/to/tokenizer.json
-    prompt_key: str = "prompt"         # column names in the data files (jaxrm/formats.py)
+    data: str = ""  # "" = the bundled VADER pairs; else a JSON Lines file
+    eval_data: str = ""  # validation pairs; "" = bundled validation split (with bundled data only)
+    tokenizer: str = "gpt2"  # gpt2 | byte | path/to/tokenizer.json
+    prompt_key: str = "prompt"  # column names in the data files (jaxrm/formats.py)
     chosen_key: str = "chosen"
     rejected_key: str = "rejected"
     margin_key: str = "margin"
     chosen_ids_key: str = "input_ids_chosen"
     rejected_ids_key: str = "input_ids_rejected"
-    seq_len: int = 0                   # padded length T; 0 = block_size
-    truncation: str = "drop"           # over-long pairs: drop | error | left (cut the shared prompt from the left)
-    lengths: str = "first_pad"         # sequence ends: first_pad (the original: the first PAD ends a sequence) |
-                                       # explicit (each row's true length; a PAD / end-of-text id may be in the text)
-    group_by_length: int = 0           # >0: batches of similar-length pairs, sorted within windows of this many batches
-    pad_multiple: int = 0              # >0: trim each batch's padding to its longest pair, rounded up to this
+    seq_len: int = 0  # padded length T; 0 = block_size
+    truncation: str = "drop"  # over-long pairs: drop | error | left (cut the shared prompt from the left)
+    lengths: str = "first_pad"  # sequence ends: first_pad (the original: the first PAD ends a sequence) |
+    # explicit (each row's true length; a PAD / end-of-text id may be in the text)
+    group_by_length: int = (
+        0  # >0: batches of similar-length pairs, sorted within windows of this many batches
+    )
+    pad_multiple: int = 0  # >0: trim each batch's padding to its longest pair, rounded up to this
     # run
     seed: int = 0
     eval_every: int = 200
-    eval_pairs: int = 2048             # validation pairs per periodic eval (0 = all)
+    eval_pairs: int = 2048  # validation pairs per periodic eval (0 = all)
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     log_every: int = 10
-    nonfinite: str = "stop"            # stop | skip a step whose loss or gradient is NaN/inf
-    max_nonfinite_skips: int = 10      # consecutive skips allowed with nonfinite="skip"
-    deterministic: bool = False        # deterministic GPU ops (XLA_FLAGS, jaxrm/runtime.py); CPU is always
-    debug_checks: str = "off"          # off | checkify (index, NaN, division checks) | nans (jax_debug_nans)
+    nonfinite: str = "stop"  # stop | skip a step whose loss or gradient is NaN/inf
+    max_nonfinite_skips: int = 10  # consecutive skips allowed with nonfinite="skip"
+    deterministic: bool = False  # deterministic GPU ops (XLA_FLAGS, jaxrm/runtime.py); CPU is always
+    debug_checks: str = "off"  # off | checkify (index, NaN, division checks) | nans (jax_debug_nans)
     # devices (jaxrm/sharding.py): 1 x 1 = one device, unsharded
-    mesh_data: int = 1                 # data parallel: params replicated, batch split
-    mesh_fsdp: int = 1                 # fully sharded: params + optimizer state split, batch split
+    mesh_data: int = 1  # data parallel: params replicated, batch split
+    mesh_fsdp: int = 1  # fully sharded: params + optimizer state split, batch split
 
     def __post_init__(self):
-        for name in ("batch_size", "grad_accum_steps", "max_steps", "log_every", "eval_every",
-                     "checkpoint_every", "keep_checkpoints", "mesh_data", "mesh_fsdp"):
+        for name in (
+            "batch_size",
+            "grad_accum_steps",
+            "max_steps",
+            "log_every",
+            "eval_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "mesh_data",
+            "mesh_fsdp",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
         if self.batch_size % self.grad_accum_steps:
-            raise ValueError(f"TrainConfig.batch_size={self.batch_size} does not divide by "
-                             f"grad_accum_steps={self.grad_accum_steps}")
-        for name, choices in (("loss_type", LOSS_TYPES), ("normalize_by", NORMALIZE_BY),
-                              ("debug_checks", DEBUG_CHECKS), ("nonfinite", NONFINITE_POLICIES),
-                              ("truncation", TRUNCATIONS), ("lengths", LENGTHS)):
+            raise ValueError(
+                f"TrainConfig.batch_size={self.batch_size} does not divide by "
+                f"grad_accum_steps={self.grad_accum_steps}"
+            )
+        for name, choices in (
+            ("loss_type", LOSS_TYPES),
+            ("normalize_by", NORMALIZE_BY),
+            ("debug_checks", DEBUG_CHECKS),
+            ("nonfinite", NONFINITE_POLICIES),
+            ("truncation", TRUNCATIONS),
+            ("lengths", LENGTHS),
+        ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
         if not 0 <= self.min_lr <= self.learning_rate:
-            raise ValueError(f"TrainConfig.min_lr={self.min_lr} must be in [0, learning_rate={self.learning_rate}]")
+            raise ValueError(
+                f"TrainConfig.min_lr={self.min_lr} must be in [0, learning_rate={self.learning_rate}]"
+            )
 
     @property
     def decay_steps(self) -> int:
@@ -193,6 +232,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs: the single source of truth saved with every checkpoint."""
+
     model: ModelConfig
     train: TrainConfig
 
@@ -200,11 +240,13 @@ class RunConfig:
         return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        return cls(model=_build(ModelConfig, d.get("model", {}), "model"),
-                   train=_build(TrainConfig, d.get("train", {}), "train"))
+    def from_dict(cls, d: dict) -> RunConfig:
+        return cls(
+            model=_build(ModelConfig, d.get("model", {}), "model"),
+            train=_build(TrainConfig, d.get("train", {}), "train"),
+        )
 
-    def override(self, overrides: dict[str, str]) -> "RunConfig":
+    def override(self, overrides: dict[str, str]) -> RunConfig:
         """Apply `key=value` strings: `lr`-style bare names or `model.x` / `train.x`; types checked."""
         model, train = {}, {}
         for key, raw in overrides.items():
@@ -216,11 +258,15 @@ class RunConfig:
             elif section == "train" or (section is None and name in train_fields):
                 target, fields = train, train_fields
             else:
-                raise ValueError(f"unknown config key {key!r}; valid keys: "
-                                 f"{', '.join(sorted(model_fields) + sorted(train_fields))}")
+                raise ValueError(
+                    f"unknown config key {key!r}; valid keys: "
+                    f"{', '.join(sorted(model_fields) + sorted(train_fields))}"
+                )
             if name not in fields:
                 raise ValueError(f"unknown config key {key!r}; {section} keys: {', '.join(sorted(fields))}")
-            target[name] = _parse_value(key, raw, type(getattr(self.model if fields is model_fields else self.train, name)))
+            target[name] = _parse_value(
+                key, raw, type(getattr(self.model if fields is model_fields else self.train, name))
+            )
         return RunConfig(model=self.model.replace(**model), train=dataclasses.replace(self.train, **train))
 
 
@@ -251,14 +297,40 @@ def _build(cls, values: dict, section: str):
 BASE_MODEL = ModelConfig(vocab_size=50257, d_model=256, block_size=128, num_heads=4, dff=1024, num_layer=4)
 
 RUN_PRESETS: dict[str, RunConfig] = {
-    "tiny": RunConfig(MODEL_PRESETS["tiny"], TrainConfig(batch_size=8, max_steps=50, warmup_steps=5,
-                                                         eval_every=25, checkpoint_every=25, log_every=5,
-                                                         eval_pairs=256, seq_len=64)),
-    "base": RunConfig(BASE_MODEL, TrainConfig(batch_size=32, max_steps=600, learning_rate=1e-3, min_lr=1e-4,
-                                              warmup_steps=50, seq_len=96, group_by_length=64, pad_multiple=16,
-                                              eval_every=100, eval_pairs=1024, checkpoint_every=100, log_every=20)),
-    "small": RunConfig(MODEL_PRESETS["small"], TrainConfig(batch_size=16, max_steps=2000, seq_len=128,
-                                                           group_by_length=64, pad_multiple=16)),
+    "tiny": RunConfig(
+        MODEL_PRESETS["tiny"],
+        TrainConfig(
+            batch_size=8,
+            max_steps=50,
+            warmup_steps=5,
+            eval_every=25,
+            checkpoint_every=25,
+            log_every=5,
+            eval_pairs=256,
+            seq_len=64,
+        ),
+    ),
+    "base": RunConfig(
+        BASE_MODEL,
+        TrainConfig(
+            batch_size=32,
+            max_steps=600,
+            learning_rate=1e-3,
+            min_lr=1e-4,
+            warmup_steps=50,
+            seq_len=96,
+            group_by_length=64,
+            pad_multiple=16,
+            eval_every=100,
+            eval_pairs=1024,
+            checkpoint_every=100,
+            log_every=20,
+        ),
+    ),
+    "small": RunConfig(
+        MODEL_PRESETS["small"],
+        TrainConfig(batch_size=16, max_steps=2000, seq_len=128, group_by_length=64, pad_multiple=16),
+    ),
     "gpt2": RunConfig(MODEL_PRESETS["gpt2"], TrainConfig(batch_size=8, max_steps=5000, seq_len=128)),
 }
 DEFAULT_RUN_PRESET = "base"

@@ -4,6 +4,7 @@ One explicit rename table, generated from num_layer; strict key-set and shape ch
 Rules: Linear weight (out, in) <-> kernel (in, out) transposed; LayerNorm weight <-> scale;
 Embedding weight <-> embedding.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,11 @@ def rename_table(num_layer: int) -> dict[str, tuple[Path, bool]]:
 
 def _to_numpy(value) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor, without importing torch
-        value = value.detach().cpu().float().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
+        value = (
+            value.detach().cpu().float().numpy()
+            if value.is_floating_point()
+            else value.detach().cpu().numpy()
+        )
     return np.asarray(value)
 
 
@@ -75,8 +80,10 @@ def from_torch_state_dict(config: ModelConfig, state_dict) -> RewardModel:
         expected = flat[path].shape
         if value.shape != expected:
             shown = value.T.shape if transpose else value.shape
-            raise ConversionError(f"state_dict[{key!r}] has shape {tuple(shown)}, the config needs "
-                                  f"{tuple(expected[::-1]) if transpose else tuple(expected)}")
+            raise ConversionError(
+                f"state_dict[{key!r}] has shape {tuple(shown)}, the config needs "
+                f"{tuple(expected[::-1]) if transpose else tuple(expected)}"
+            )
         flat[path].set_value(jnp.array(value, jnp.float32))  # a copy: never alias the caller's buffers
     nnx.update(model, nnx.from_flat_state(flat))
     return model
@@ -118,14 +125,17 @@ def torch_load_weights_only(path):
     try:
         import torch
     except ImportError:
-        raise ConversionError(f"{path}: reading a torch pickle needs torch (pip install torch), "
-                              f"or convert it to .safetensors") from None
+        raise ConversionError(
+            f"{path}: reading a torch pickle needs torch (pip install torch), or convert it to .safetensors"
+        ) from None
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for anything that is not plain weights
-        raise ConversionError(f"{path}: refused to load: not a plain weights file that "
-                              f"torch.load(weights_only=True) accepts ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ConversionError(
+            f"{path}: refused to load: not a plain weights file that "
+            f"torch.load(weights_only=True) accepts ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def _strip_prefix(state_dict: dict, prefixes) -> dict:
@@ -133,7 +143,7 @@ def _strip_prefix(state_dict: dict, prefixes) -> dict:
     for key, value in state_dict.items():
         for prefix in prefixes:
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 
@@ -152,14 +162,21 @@ def _apply_overrides(base: ModelConfig, overrides: dict, source: str) -> ModelCo
     fixed = ("vocab_size", "d_model", "num_heads", "dff", "num_layer")
     for name in fixed:
         if name in overrides and overrides[name] != getattr(base, name):
-            hint = (" (use a tokenizer whose vocabulary fits, or resize the embedding before converting)"
-                    if name == "vocab_size" else "")
-            raise ConversionError(f"{source} has {name}={getattr(base, name)}, but {name}={overrides[name]} "
-                                  f"was asked for: remove the {name} override{hint}")
+            hint = (
+                " (use a tokenizer whose vocabulary fits, or resize the embedding before converting)"
+                if name == "vocab_size"
+                else ""
+            )
+            raise ConversionError(
+                f"{source} has {name}={getattr(base, name)}, but {name}={overrides[name]} "
+                f"was asked for: remove the {name} override{hint}"
+            )
     block = overrides.get("block_size", base.block_size)
     if block > base.block_size:
-        raise ConversionError(f"{source} has block_size (n_positions)={base.block_size}: its position "
-                              f"embedding cannot serve block_size={block}; set block_size <= {base.block_size}")
+        raise ConversionError(
+            f"{source} has block_size (n_positions)={base.block_size}: its position "
+            f"embedding cannot serve block_size={block}; set block_size <= {base.block_size}"
+        )
     return base.replace(**overrides)
 
 
@@ -167,7 +184,7 @@ def _finish(config: ModelConfig, sd: dict, source: str) -> RewardModel:
     """Crop wpe to config.block_size and load the torchref-keyed sd."""
     sd = dict(sd)
     wpe = _to_numpy(sd["wpe.weight"])
-    sd["wpe.weight"] = wpe[:config.block_size]  # nanoGPT's crop_block_size: the first positions
+    sd["wpe.weight"] = wpe[: config.block_size]  # nanoGPT's crop_block_size: the first positions
     try:
         return from_torch_state_dict(config, sd)
     except ConversionError as e:
@@ -180,25 +197,40 @@ def hf_gpt2_config(hf: dict, source: str = "config.json", **overrides) -> ModelC
         raise ConversionError(f"{source}: model_type {hf.get('model_type')!r} is not 'gpt2'")
     act = hf.get("activation_function", "gelu_new")
     if act not in HF_ACTIVATIONS:
-        raise ConversionError(f"{source}: activation_function {act!r} is not supported; "
-                              f"supported: {sorted(HF_ACTIVATIONS)}")
-    for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                    ("add_cross_attention", False)):
+        raise ConversionError(
+            f"{source}: activation_function {act!r} is not supported; supported: {sorted(HF_ACTIVATIONS)}"
+        )
+    for key, ok in (
+        ("scale_attn_weights", True),
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("add_cross_attention", False),
+    ):
         if hf.get(key, ok) != ok:
             raise ConversionError(f"{source}: {key}={hf[key]!r} is not supported (jaxrm computes {key}={ok})")
     try:
         n_embd = hf["n_embd"]
-        base = ModelConfig(vocab_size=hf["vocab_size"], d_model=n_embd, block_size=hf["n_positions"],
-                           num_heads=hf["n_head"], num_layer=hf["n_layer"], dff=hf.get("n_inner") or 4 * n_embd,
-                           embed_pdrop=hf.get("embd_pdrop", 0.1), attn_pdrop=hf.get("attn_pdrop", 0.1),
-                           resid_pdrop=hf.get("resid_pdrop", 0.1), dropout=hf.get("resid_pdrop", 0.1),
-                           activation=HF_ACTIVATIONS[act], layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+        base = ModelConfig(
+            vocab_size=hf["vocab_size"],
+            d_model=n_embd,
+            block_size=hf["n_positions"],
+            num_heads=hf["n_head"],
+            num_layer=hf["n_layer"],
+            dff=hf.get("n_inner") or 4 * n_embd,
+            embed_pdrop=hf.get("embd_pdrop", 0.1),
+            attn_pdrop=hf.get("attn_pdrop", 0.1),
+            resid_pdrop=hf.get("resid_pdrop", 0.1),
+            dropout=hf.get("resid_pdrop", 0.1),
+            activation=HF_ACTIVATIONS[act],
+            layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        )
     except KeyError as e:
         raise ConversionError(f"{source}: missing key {e.args[0]!r}; keys found: {sorted(hf)}") from None
     return _apply_overrides(base, overrides, source)
 
 
-def hf_state_dict_to_torchref(sd: dict, config: ModelConfig, *, seed: int = 0, source: str = "checkpoint") -> dict:
+def hf_state_dict_to_torchref(
+    sd: dict, config: ModelConfig, *, seed: int = 0, source: str = "checkpoint"
+) -> dict:
     """HF GPT-2 keys (with or without "transformer.") -> torchref keys; LM head and mask buffers
     dropped; `score.weight` becomes the reward head, else a fresh normal(0, INIT_STD) head."""
     sd = _strip_prefix(sd, ("transformer.",))
@@ -209,8 +241,10 @@ def hf_state_dict_to_torchref(sd: dict, config: ModelConfig, *, seed: int = 0, s
         if key == "score.weight":
             value = _to_numpy(value)
             if value.shape[0] != 1:
-                raise ConversionError(f"{source}: score.weight has shape {value.shape}; a reward model "
-                                      f"needs num_labels=1, i.e. shape (1, {config.d_model})")
+                raise ConversionError(
+                    f"{source}: score.weight has shape {value.shape}; a reward model "
+                    f"needs num_labels=1, i.e. shape (1, {config.d_model})"
+                )
             out["reward_head.weight"] = value
             continue
         if _is_conv1d_weight(key):
@@ -230,8 +264,9 @@ def _read_hf_weights(path):
     if pt.is_file():
         return torch_load_weights_only(pt), pt
     if list(pathlib.Path(path).glob("*.safetensors.index.json")):
-        raise ConversionError(f"{path}: sharded checkpoints are not supported; merge the shards "
-                              f"into one model.safetensors")
+        raise ConversionError(
+            f"{path}: sharded checkpoints are not supported; merge the shards into one model.safetensors"
+        )
     raise ConversionError(f"{path}: no model.safetensors or pytorch_model.bin")
 
 
@@ -268,14 +303,24 @@ def from_nanogpt(ckpt, *, seed: int = 0, source: str = "ckpt.pt", **config_overr
         ckpt = torch_load_weights_only(ckpt)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ConversionError(f"{source}: not a nanoGPT checkpoint (needs 'model' and 'model_args'; found {found})")
+        raise ConversionError(
+            f"{source}: not a nanoGPT checkpoint (needs 'model' and 'model_args'; found {found})"
+        )
     args = ckpt["model_args"]
     try:
         n_embd = int(args["n_embd"])
-        base = ModelConfig(vocab_size=int(args["vocab_size"]), d_model=n_embd, block_size=int(args["block_size"]),
-                           num_heads=int(args["n_head"]), num_layer=int(args["n_layer"]), dff=4 * n_embd,
-                           embed_pdrop=float(args.get("dropout", 0.0)), attn_pdrop=float(args.get("dropout", 0.0)),
-                           resid_pdrop=float(args.get("dropout", 0.0)), dropout=float(args.get("dropout", 0.0)))
+        base = ModelConfig(
+            vocab_size=int(args["vocab_size"]),
+            d_model=n_embd,
+            block_size=int(args["block_size"]),
+            num_heads=int(args["n_head"]),
+            num_layer=int(args["n_layer"]),
+            dff=4 * n_embd,
+            embed_pdrop=float(args.get("dropout", 0.0)),
+            attn_pdrop=float(args.get("dropout", 0.0)),
+            resid_pdrop=float(args.get("dropout", 0.0)),
+            dropout=float(args.get("dropout", 0.0)),
+        )
     except KeyError as e:
         raise ConversionError(f"{source}: model_args has no {e.args[0]!r}; found {sorted(args)}") from None
     config = _apply_overrides(base, config_overrides, source)
@@ -285,7 +330,9 @@ def from_nanogpt(ckpt, *, seed: int = 0, source: str = "ckpt.pt", **config_overr
     if not args.get("bias", True):  # nanoGPT bias=False: LayerNorm and Linear without bias = zero bias
         for key, (_, _) in rename_table(base.num_layer).items():
             if key.endswith(".bias") and key not in sd:
-                width = {"attn.c_attn": 3 * n_embd, "mlp.c_fc": base.dff}.get(".".join(key.split(".")[2:4]), n_embd)
+                width = {"attn.c_attn": 3 * n_embd, "mlp.c_fc": base.dff}.get(
+                    ".".join(key.split(".")[2:4]), n_embd
+                )
                 sd[key] = np.zeros((width,), np.float32)
     sd["reward_head.weight"] = _fresh_head(base.d_model, seed)
     return _finish(config, sd, source)
@@ -316,13 +363,17 @@ def load_init_weights(path, model_config: ModelConfig | None = None, *, seed: in
         if isinstance(sd, dict) and "model" in sd and "model_args" in sd:
             return from_nanogpt(sd, seed=seed, source=str(p), **config_overrides)
     else:
-        raise ConversionError(f"{p}: expected a transformers GPT-2 directory, .safetensors, or a "
-                              f".pt/.pth/.bin state_dict or nanoGPT ckpt.pt")
+        raise ConversionError(
+            f"{p}: expected a transformers GPT-2 directory, .safetensors, or a "
+            f".pt/.pth/.bin state_dict or nanoGPT ckpt.pt"
+        )
     if not isinstance(sd, dict):
         raise ConversionError(f"{p}: expected a state_dict (a dict of tensors), got {type(sd).__name__}")
     if "reward_head.weight" not in sd:
-        raise ConversionError(f"{p}: not a torchref state_dict (no 'reward_head.weight'); for HF GPT-2 "
-                              f"weights pass the directory with its config.json")
+        raise ConversionError(
+            f"{p}: not a torchref state_dict (no 'reward_head.weight'); for HF GPT-2 "
+            f"weights pass the directory with its config.json"
+        )
     if model_config is None:
         raise ConversionError(f"{p}: a torchref state_dict needs the model config")
     try:
@@ -335,15 +386,31 @@ def hf_sequence_classification_config(config: ModelConfig) -> dict:
     """transformers GPT2Config (as a dict) of a GPT2ForSequenceClassification with our shapes."""
     act = {"gelu": "gelu", "gelu_tanh": "gelu_new"}[config.activation]
     return {
-        "architectures": ["GPT2ForSequenceClassification"], "model_type": "gpt2",
-        "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_embd": config.d_model,
-        "n_layer": config.num_layer, "n_head": config.num_heads, "n_inner": config.dff,
-        "activation_function": act, "layer_norm_epsilon": config.layer_norm_eps,
-        "embd_pdrop": config.embed_pdrop, "attn_pdrop": config.attn_pdrop, "resid_pdrop": config.resid_pdrop,
-        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-        "num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
-        "pad_token_id": config.pad_id, "bos_token_id": config.pad_id, "eos_token_id": config.pad_id,
-        "tie_word_embeddings": False, "use_cache": False, "torch_dtype": "float32",
+        "architectures": ["GPT2ForSequenceClassification"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_embd": config.d_model,
+        "n_layer": config.num_layer,
+        "n_head": config.num_heads,
+        "n_inner": config.dff,
+        "activation_function": act,
+        "layer_norm_epsilon": config.layer_norm_eps,
+        "embd_pdrop": config.embed_pdrop,
+        "attn_pdrop": config.attn_pdrop,
+        "resid_pdrop": config.resid_pdrop,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "num_labels": 1,
+        "id2label": {"0": "LABEL_0"},
+        "label2id": {"LABEL_0": 0},
+        "pad_token_id": config.pad_id,
+        "bos_token_id": config.pad_id,
+        "eos_token_id": config.pad_id,
+        "tie_word_embeddings": False,
+        "use_cache": False,
+        "torch_dtype": "float32",
     }
 
 
@@ -364,5 +431,7 @@ def export_hf_sequence_classification(model: RewardModel, out_dir) -> pathlib.Pa
             value = value.T  # Linear (out, in) -> Conv1D (in, out)
         hf["transformer." + key] = value
     save_safetensors(hf, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_sequence_classification_config(model.config), indent=2) + "\n")
+    (out / "config.json").write_text(
+        json.dumps(hf_sequence_classification_config(model.config), indent=2) + "\n"
+    )
     return out

@@ -11,8 +11,8 @@ rows 0..B-1 the chosen answers and rows B..2B-1 the rejected answers of the same
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -42,6 +42,7 @@ def bundled_data_path(split: str) -> pathlib.Path:
 # -----------------------------------------------------------------------------
 # tokenizing
 
+
 @dataclass(frozen=True)
 class EncodedPairs:
     chosen_ids: np.ndarray  # (N, T) int32, right-padded with pad_id
@@ -61,9 +62,17 @@ def pair_ids(pair: PreferencePair, tokenizer) -> tuple[list[int], list[int]]:
     return tokenizer.encode(pair.prompt + pair.chosen), tokenizer.encode(pair.prompt + pair.rejected)
 
 
-def encode_pairs(pairs, tokenizer, *, seq_len: int, pad_id: int, vocab_size: int,
-                 truncation: str = "drop", source: str = "<pairs>",
-                 lengths: str = "first_pad") -> tuple[EncodedPairs, dict]:
+def encode_pairs(
+    pairs,
+    tokenizer,
+    *,
+    seq_len: int,
+    pad_id: int,
+    vocab_size: int,
+    truncation: str = "drop",
+    source: str = "<pairs>",
+    lengths: str = "first_pad",
+) -> tuple[EncodedPairs, dict]:
     """Tokenize, check and pad pairs. Pairs longer than seq_len: truncation="drop" skips them,
     "error" raises, "left" cuts tokens from the left of the shared prefix (the prompt) of both
     sequences, keeping the answers and at least one shared token; a pair whose answers alone do not
@@ -78,8 +87,16 @@ def encode_pairs(pairs, tokenizer, *, seq_len: int, pad_id: int, vocab_size: int
     if lengths not in LENGTHS:
         raise ValueError(f"lengths must be one of {LENGTHS}, got {lengths!r}")
     if seq_len < 1 or not 0 <= pad_id < vocab_size:
-        raise ValueError(f"need seq_len >= 1 and 0 <= pad_id < vocab_size, got {seq_len=}, {pad_id=}, {vocab_size=}")
-    stats = {"pairs_in": len(pairs), "pairs_kept": 0, "dropped_too_long": 0, "dropped_identical": 0, "max_len": 0}
+        raise ValueError(
+            f"need seq_len >= 1 and 0 <= pad_id < vocab_size, got {seq_len=}, {pad_id=}, {vocab_size=}"
+        )
+    stats = {
+        "pairs_in": len(pairs),
+        "pairs_kept": 0,
+        "dropped_too_long": 0,
+        "dropped_identical": 0,
+        "max_len": 0,
+    }
     if truncation == "left":
         stats["truncated_left"] = 0
     kept = []  # (chosen ids, rejected ids, margin)
@@ -97,8 +114,9 @@ def encode_pairs(pairs, tokenizer, *, seq_len: int, pad_id: int, vocab_size: int
     return data, stats
 
 
-def _checked_ids(p: PreferencePair, tokenizer, where: str, *, pad_id: int, vocab_size: int,
-                 lengths: str) -> tuple[list[int], list[int]]:
+def _checked_ids(
+    p: PreferencePair, tokenizer, where: str, *, pad_id: int, vocab_size: int, lengths: str
+) -> tuple[list[int], list[int]]:
     """pair_ids(p), after the checks that refuse the pair (a DataError naming `where`)."""
     if p.chosen_ids is None:
         try:  # a lone surrogate ("\\ud800" in JSON) is not text: never encode it (or replace it) silently
@@ -111,12 +129,16 @@ def _checked_ids(p: PreferencePair, tokenizer, where: str, *, pad_id: int, vocab
             raise DataError(f"{where}: prompt + {side} encodes to zero tokens")
         bad = first_out_of_range(ids, vocab_size)
         if bad is not None:
-            raise DataError(f"{where}: {side} has token id {bad[-1]} outside [0, {vocab_size}): "
-                            f"the tokenizer's vocabulary is larger than the model's")
+            raise DataError(
+                f"{where}: {side} has token id {bad[-1]} outside [0, {vocab_size}): "
+                f"the tokenizer's vocabulary is larger than the model's"
+            )
         if pad_id in ids and lengths == "first_pad":
-            raise DataError(f"{where}: {side} contains the pad id {pad_id} at token "
-                            f"{ids.index(pad_id)} inside the real text (would end the sequence early; "
-                            f"--lengths=explicit keeps it as text)")
+            raise DataError(
+                f"{where}: {side} contains the pad id {pad_id} at token "
+                f"{ids.index(pad_id)} inside the real text (would end the sequence early; "
+                f"--lengths=explicit keeps it as text)"
+            )
     if p.margin is not None and not is_float32(p.margin):  # NaN, inf, float32 overflow
         raise DataError(f"{where}: margin {p.margin} is not a finite float32")
     return c, r
@@ -146,10 +168,11 @@ def _padded(kept: list, seq_len: int, pad_id: int) -> EncodedPairs:
     chosen = np.full((n, seq_len), pad_id, dtype=np.int32)  # (N, T)
     rejected = np.full((n, seq_len), pad_id, dtype=np.int32)  # (N, T)
     for j, (c, r, _) in enumerate(kept):
-        chosen[j, :len(c)] = c
-        rejected[j, :len(r)] = r
+        chosen[j, : len(c)] = c
+        rejected[j, : len(r)] = r
     return EncodedPairs(
-        chosen_ids=chosen, rejected_ids=rejected,
+        chosen_ids=chosen,
+        rejected_ids=rejected,
         chosen_lengths=np.array([len(c) for c, _, _ in kept], dtype=np.int32),
         rejected_lengths=np.array([len(r) for _, r, _ in kept], dtype=np.int32),
         margins=np.array([m for _, _, m in kept], dtype=np.float32),
@@ -159,9 +182,12 @@ def _padded(kept: list, seq_len: int, pad_id: int) -> EncodedPairs:
 # -----------------------------------------------------------------------------
 # batching
 
+
 def _batch(data: EncodedPairs, idx: np.ndarray) -> dict:
     return {
-        "input_ids": np.concatenate([data.chosen_ids[idx], data.rejected_ids[idx]]),  # (2B, T) chosen then rejected
+        "input_ids": np.concatenate(
+            [data.chosen_ids[idx], data.rejected_ids[idx]]
+        ),  # (2B, T) chosen then rejected
         "lengths": np.concatenate([data.chosen_lengths[idx], data.rejected_lengths[idx]]),  # (2B,)
         "margins": data.margins[idx],  # (B,)
     }
@@ -180,17 +206,30 @@ class BatchIterator:
     trimmed length T are those of the global batch, so every process agrees on them.
     """
 
-    def __init__(self, data: EncodedPairs, batch_size: int, *, seed: int, shuffle: bool = True,
-                 drop_last: bool = True, group_by_length: int = 0, pad_multiple: int = 0,
-                 rows: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        data: EncodedPairs,
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        group_by_length: int = 0,
+        pad_multiple: int = 0,
+        rows: tuple[int, int] | None = None,
+    ):
         if not 1 <= batch_size <= len(data):
-            raise DataError(f"batch_size {batch_size} must be between 1 and the number of pairs ({len(data)}); "
-                            f"lower batch_size or use more data")
+            raise DataError(
+                f"batch_size {batch_size} must be between 1 and the number of pairs ({len(data)}); "
+                f"lower batch_size or use more data"
+            )
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
         self.group_by_length, self.pad_multiple = group_by_length, pad_multiple
         if rows is not None and not (drop_last and 0 <= rows[0] < rows[1] <= batch_size):
-            raise DataError(f"rows={rows} must be a non-empty range within batch_size={batch_size} (with drop_last)")
+            raise DataError(
+                f"rows={rows} must be a non-empty range within batch_size={batch_size} (with drop_last)"
+            )
         self.rows = rows
         self.epoch, self.index = 0, 0
         self._order_epoch, self._order = None, None
@@ -218,9 +257,9 @@ class BatchIterator:
         full = len(order) // b * b
         batches = []
         for start in range(0, full, window):
-            chunk = order[start:min(start + window, full)]
+            chunk = order[start : min(start + window, full)]
             chunk = chunk[np.argsort(length[chunk], kind="stable")]
-            batches += [chunk[i:i + b] for i in range(0, len(chunk), b)]
+            batches += [chunk[i : i + b] for i in range(0, len(chunk), b)]
         batches = [batches[i] for i in rng.permutation(len(batches))]
         return np.concatenate(batches + [order[full:]])
 
@@ -229,7 +268,9 @@ class BatchIterator:
 
     def restore(self, state: dict) -> None:
         epoch, index = state.get("epoch"), state.get("index")
-        if not (isinstance(epoch, int) and isinstance(index, int) and epoch >= 0 and 0 <= index <= len(self.data)):
+        if not (
+            isinstance(epoch, int) and isinstance(index, int) and epoch >= 0 and 0 <= index <= len(self.data)
+        ):
             raise DataError(f"bad data iterator state {state!r} for {len(self.data)} pairs")
         self.epoch, self.index = epoch, index
 
@@ -240,11 +281,11 @@ class BatchIterator:
         n, b = len(self.data), self.batch_size
         if self.index >= n or (self.drop_last and self.index + b > n):
             self.epoch, self.index = self.epoch + 1, 0
-        idx = self.order(self.epoch)[self.index:self.index + b]
+        idx = self.order(self.epoch)[self.index : self.index + b]
         self.index += len(idx)
         longest = int(max(self.data.chosen_lengths[idx].max(), self.data.rejected_lengths[idx].max()))
         if self.rows is not None:  # this process's share of the global batch
-            idx = idx[self.rows[0]:self.rows[1]]
+            idx = idx[self.rows[0] : self.rows[1]]
         batch = _batch(self.data, idx)
         if self.pad_multiple:  # trim padding columns: T = the global batch's longest pair, rounded up
             T = min(batch["input_ids"].shape[1], -(-longest // self.pad_multiple) * self.pad_multiple)
@@ -270,12 +311,20 @@ def eval_batches(data: EncodedPairs, batch_size: int) -> Iterator[dict]:
 # -----------------------------------------------------------------------------
 # a run's data
 
+
 def load_split(run: RunConfig, tokenizer, path: str, source: str) -> tuple[EncodedPairs, dict]:
     """The pairs of one file (or datasets DIR[:SPLIT]) for `run`: read with its column names,
     tokenized and padded to its seq_len (default block_size); (EncodedPairs, stats)."""
     seq_len = run.train.seq_len or run.model.block_size
     if seq_len > run.model.block_size:
         raise ValueError(f"seq_len={seq_len} exceeds the model's block_size={run.model.block_size}")
-    return encode_pairs(load_pairs(path, Columns.from_train_config(run.train)), tokenizer, seq_len=seq_len,
-                        pad_id=run.model.pad_id, vocab_size=run.model.vocab_size,
-                        truncation=run.train.truncation, source=source, lengths=run.train.lengths)
+    return encode_pairs(
+        load_pairs(path, Columns.from_train_config(run.train)),
+        tokenizer,
+        seq_len=seq_len,
+        pad_id=run.model.pad_id,
+        vocab_size=run.model.vocab_size,
+        truncation=run.train.truncation,
+        source=source,
+        lengths=run.train.lengths,
+    )

@@ -1,5 +1,6 @@
 """Evaluation on the host: an eval step over a data set in fixed-size batches, then the same
 statistics as the train step reports (jaxrm.metrics.pair_metrics) over all its pairs at once."""
+
 from __future__ import annotations
 
 import jax
@@ -25,18 +26,28 @@ def per_pair_outputs(eval_step, params, data: EncodedPairs, batch_size: int, lim
         seen += int(batch["valid"].sum())
         if limit and seen >= limit:
             break
-    return {key: np.concatenate(values)[:limit or None] for key, values in parts.items()}
+    return {key: np.concatenate(values)[: limit or None] for key, values in parts.items()}
 
 
-def evaluate(eval_step, params, data: EncodedPairs, batch_size: int, limit: int = 0,
-             train_config: TrainConfig | None = None) -> dict:
+def evaluate(
+    eval_step,
+    params,
+    data: EncodedPairs,
+    batch_size: int,
+    limit: int = 0,
+    train_config: TrainConfig | None = None,
+) -> dict:
     """pairs (the number of non-identical pairs), accuracy, loss, margin and reward statistics over
     `data` (its first `limit` pairs if > 0), as the train step computes them for one batch: the
     loss normalized as train_config says (default: TrainConfig()'s), the rest over the
     non-identical pairs (jaxrm.metrics). `eval_step` comes from jaxrm.step.make_eval_step."""
     tc = train_config or TrainConfig()
     out = per_pair_outputs(eval_step, params, data, batch_size, limit)
-    loss = reduce_loss(out["loss"], out["centered"], *loss_denominators(out["identical"], tc.normalize_by),
-                       tc.center_rewards_coef)
+    loss = reduce_loss(
+        out["loss"],
+        out["centered"],
+        *loss_denominators(out["identical"], tc.normalize_by),
+        tc.center_rewards_coef,
+    )
     stats = pair_metrics(out["chosen"], out["rejected"], out["identical"], loss)
     return {"pairs": int((~out["identical"]).sum()), **{key: float(value) for key, value in stats.items()}}

@@ -25,6 +25,7 @@ A sequence is tokenizer.encode(prompt + answer) (or the given ids): the prompt s
 token; it is what lint reports and what prompt truncation may cut.
 Locations in errors: "FILE:LINE" for JSON Lines, "FILE: row N" (1-based, header excluded) otherwise.
 """
+
 from __future__ import annotations
 
 import csv
@@ -89,8 +90,10 @@ class Columns:
     rejected_ids: str = "input_ids_rejected"
 
     @classmethod
-    def from_train_config(cls, tc) -> "Columns":
-        return cls(**{f.name: getattr(tc, f"{f.name}_key") for f in fields(cls) if hasattr(tc, f"{f.name}_key")})
+    def from_train_config(cls, tc) -> Columns:
+        return cls(
+            **{f.name: getattr(tc, f"{f.name}_key") for f in fields(cls) if hasattr(tc, f"{f.name}_key")}
+        )
 
 
 def file_format(path) -> str:
@@ -106,9 +109,13 @@ def render_chat(messages, where: str, key: str) -> str:
     parts = []
     for j, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise DataError(f"{where}: {key!r} message {j} must be an object with string 'role' and "
-                            f"'content', got {json.dumps(m)[:80]}")
-        parts.append(CHAT_TEMPLATE.format(role=ROLE_NAMES.get(m["role"], m["role"].capitalize()), content=m["content"]))
+            raise DataError(
+                f"{where}: {key!r} message {j} must be an object with string 'role' and "
+                f"'content', got {json.dumps(m)[:80]}"
+            )
+        parts.append(
+            CHAT_TEMPLATE.format(role=ROLE_NAMES.get(m["role"], m["role"].capitalize()), content=m["content"])
+        )
     return "".join(parts)
 
 
@@ -139,8 +146,9 @@ def _unicode(value: str, where: str, key: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise DataError(f"{where}: {key!r} is not valid Unicode ({e.reason}: {value[e.start]!r} at "
-                        f"character {e.start})") from None
+        raise DataError(
+            f"{where}: {key!r} is not valid Unicode ({e.reason}: {value[e.start]!r} at character {e.start})"
+        ) from None
     return value
 
 
@@ -151,7 +159,9 @@ def _text(obj, key, where) -> str:
         return _unicode(render_chat(value, where, key), where, key)
     if isinstance(value, str):
         return _unicode(value, where, key)
-    raise DataError(f"{where}: {key!r} must be a string or a list of chat messages, got {type(value).__name__}")
+    raise DataError(
+        f"{where}: {key!r} must be a string or a list of chat messages, got {type(value).__name__}"
+    )
 
 
 def _ids(obj, key, where):
@@ -160,13 +170,20 @@ def _ids(obj, key, where):
         try:
             value = json.loads(value)
         except (ValueError, RecursionError):  # malformed JSON, an over-long integer, too deep nesting
-            raise DataError(f"{where}: {key!r} must be a list of token ids, got the text {value[:40]!r}") from None
+            raise DataError(
+                f"{where}: {key!r} must be a list of token ids, got the text {value[:40]!r}"
+            ) from None
     if hasattr(value, "tolist"):
         value = value.tolist()
-    if not (isinstance(value, list) and value
-            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)):
-        raise DataError(f"{where}: {key!r} must be a non-empty list of non-negative integer token ids, "
-                        f"got {str(value)[:60]}")
+    if not (
+        isinstance(value, list)
+        and value
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    ):
+        raise DataError(
+            f"{where}: {key!r} must be a non-empty list of non-negative integer token ids, "
+            f"got {str(value)[:60]}"
+        )
     return tuple(value)
 
 
@@ -186,8 +203,10 @@ def _margin(obj, key, where):
     except OverflowError:  # an int beyond float range
         value = math.inf
     if not is_float32(value):
-        raise DataError(f"{where}: {key!r} must be a finite number within float32 range "
-                        f"(|margin| <= {FLOAT32_MAX:.4g}), got {str(value)[:40]}")
+        raise DataError(
+            f"{where}: {key!r} must be a finite number within float32 range "
+            f"(|margin| <= {FLOAT32_MAX:.4g}), got {str(value)[:40]}"
+        )
     return value
 
 
@@ -198,7 +217,9 @@ def _pre_tokenized(keys, cols: Columns) -> bool:
 
 def _missing(keys, cols: Columns) -> list[str]:
     """The required columns (both ids, or both answers) that `keys` lacks."""
-    need = (cols.chosen_ids, cols.rejected_ids) if _pre_tokenized(keys, cols) else (cols.chosen, cols.rejected)
+    need = (
+        (cols.chosen_ids, cols.rejected_ids) if _pre_tokenized(keys, cols) else (cols.chosen, cols.rejected)
+    )
     return [k for k in need if k not in keys]
 
 
@@ -209,12 +230,20 @@ def row_to_pair(obj, where: str, row: int, cols: Columns = Columns()) -> Prefere
     margin = _margin(obj, cols.margin, where)
     missing = _missing(obj, cols)
     if missing:
-        raise DataError(f"{where}: missing key(s) {', '.join(map(repr, missing))}; keys found: "
-                        f"{', '.join(map(repr, obj)) or 'none'}")
+        raise DataError(
+            f"{where}: missing key(s) {', '.join(map(repr, missing))}; keys found: "
+            f"{', '.join(map(repr, obj)) or 'none'}"
+        )
     if _pre_tokenized(obj, cols):
-        return PreferencePair("", "", "", margin, line=row,
-                              chosen_ids=_ids(obj, cols.chosen_ids, where),
-                              rejected_ids=_ids(obj, cols.rejected_ids, where))
+        return PreferencePair(
+            "",
+            "",
+            "",
+            margin,
+            line=row,
+            chosen_ids=_ids(obj, cols.chosen_ids, where),
+            rejected_ids=_ids(obj, cols.rejected_ids, where),
+        )
     chosen = _text(obj, cols.chosen, where)
     rejected = _text(obj, cols.rejected, where)
     if cols.prompt in obj:
@@ -225,6 +254,7 @@ def row_to_pair(obj, where: str, row: int, cols: Columns = Columns()) -> Prefere
 
 
 # ----------------------------------------------------------------------------- readers
+
 
 class _Reader:
     """A file's bytes (gunzipped for .gz), by line or whole; a read that fails (a truncated or
@@ -266,8 +296,10 @@ def _check_columns(path, found, cols: Columns):
     found = list(found)
     missing = _missing(found, cols)
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; columns found: "
-                        f"{', '.join(map(repr, found)) or 'none'}")
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(map(repr, missing))}; columns found: "
+            f"{', '.join(map(repr, found)) or 'none'}"
+        )
 
 
 def _jsonl(path: pathlib.Path, cols: Columns):
@@ -288,8 +320,10 @@ def _json(path: pathlib.Path, cols: Columns):
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"train": [...]} / {"data": [...]}
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of objects (or JSON Lines: name the file .jsonl), "
-                        f"got {type(data).__name__}")
+        raise DataError(
+            f"{path}: expected a JSON list of objects (or JSON Lines: name the file .jsonl), "
+            f"got {type(data).__name__}"
+        )
     for i, obj in enumerate(data, start=1):
         yield row_to_pair(obj, f"{path}: row {i}", i, cols)
 
@@ -310,15 +344,17 @@ def _csv(path: pathlib.Path, cols: Columns):
 
 
 def _csv_rows(reader, path):
-    """The reader's rows; csv.Error (e.g. a cell over csv.field_size_limit()) as a DataError naming the line."""
+    """The reader's rows; csv.Error (e.g. a cell over csv.field_size_limit()) as a DataError naming
+    the line."""
     while True:
         try:
             yield next(reader)
         except StopIteration:
             return
         except csv.Error as e:
-            raise DataError(f"{path}: line {reader.line_num}: unreadable CSV ({e}; JSON Lines has no cell "
-                            f"size limit)") from None
+            raise DataError(
+                f"{path}: line {reader.line_num}: unreadable CSV ({e}; JSON Lines has no cell size limit)"
+            ) from None
 
 
 def _parquet(path: pathlib.Path, cols: Columns):
@@ -342,7 +378,7 @@ DATASET_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
 
 
 def dataset_dir_and_split(path) -> tuple[pathlib.Path, str | None]:
-    """"DIR:SPLIT" -> (DIR, SPLIT) when DIR is a directory and the whole string names nothing;
+    """ "DIR:SPLIT" -> (DIR, SPLIT) when DIR is a directory and the whole string names nothing;
     anything else -> (path, None)."""
     spec = str(path)
     base, sep, split = spec.rpartition(":")
@@ -354,14 +390,18 @@ def dataset_dir_and_split(path) -> tuple[pathlib.Path, str | None]:
 def _hf_dataset(path: pathlib.Path, split: str | None, cols: Columns):
     markers = [m for m in DATASET_MARKERS if (path / m).is_file()]
     if not markers:
-        raise DataError(f"{path}: is a directory, not a pair file; a saved Hugging Face dataset directory holds "
-                        f"dataset_info.json / state.json (Dataset.save_to_disk) or dataset_dict.json "
-                        f"(DatasetDict.save_to_disk)")
+        raise DataError(
+            f"{path}: is a directory, not a pair file; a saved Hugging Face dataset directory holds "
+            f"dataset_info.json / state.json (Dataset.save_to_disk) or dataset_dict.json "
+            f"(DatasetDict.save_to_disk)"
+        )
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{path}: a saved Hugging Face dataset ({markers[0]}); reading it needs the datasets "
-                        f"package (pip install datasets)") from None
+        raise DataError(
+            f"{path}: a saved Hugging Face dataset ({markers[0]}); reading it needs the datasets "
+            f"package (pip install datasets)"
+        ) from None
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
@@ -373,12 +413,15 @@ def _hf_dataset(path: pathlib.Path, split: str | None, cols: Columns):
             split = splits[0]
         if split is None or split not in ds:
             what = "choose one" if split is None else f"no split {split!r}; choose one"
-            raise DataError(f"{path}: a DatasetDict with splits {', '.join(map(repr, splits))}: {what} as "
-                            f"{path}:SPLIT")
+            raise DataError(
+                f"{path}: a DatasetDict with splits {', '.join(map(repr, splits))}: {what} as {path}:SPLIT"
+            )
         ds, where = ds[split], f"{path}:{split}"
     elif split is not None:
-        raise DataError(f"{path}: a single Dataset (no splits), but split {split!r} was asked for; "
-                        f"use {path} without ':{split}'")
+        raise DataError(
+            f"{path}: a single Dataset (no splits), but split {split!r} was asked for; "
+            f"use {path} without ':{split}'"
+        )
     _check_columns(where, ds.column_names, cols)
     row = 0
     for batch in ds.iter(batch_size=1024):  # dict of columns -> rows

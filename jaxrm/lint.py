@@ -16,6 +16,7 @@ Each check counts its pairs and keeps the first few locations ("FILE:LINE" / "FI
   in_other_file                 (with --against FILE) the same prompt + chosen or prompt + rejected
                                 text also occurs in the other file (e.g. train vs test)
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,14 +28,34 @@ from jaxrm.tokenizer import first_out_of_range
 
 ERRORS = ("pad_in_text", "out_of_vocab", "empty_sequence")  # training refuses these
 EXPLICIT_LENGTH_ERRORS = ("out_of_vocab", "empty_sequence")  # ... with lengths="explicit"
-CHECKS = ("too_long", "identical", "identical_after_truncation", "pad_in_text", "eot_in_text", "out_of_vocab",
-          "divergence_at_0", "empty_answer", "empty_sequence", "duplicate")
+CHECKS = (
+    "too_long",
+    "identical",
+    "identical_after_truncation",
+    "pad_in_text",
+    "eot_in_text",
+    "out_of_vocab",
+    "divergence_at_0",
+    "empty_answer",
+    "empty_sequence",
+    "duplicate",
+)
 
 
-def lint_pairs(pairs, tokenizer, *, seq_len: int, vocab_size: int, source: str = "<pairs>",
-               against=None, examples: int = 5, lengths: str = "first_pad") -> dict:
+def lint_pairs(
+    pairs,
+    tokenizer,
+    *,
+    seq_len: int,
+    vocab_size: int,
+    source: str = "<pairs>",
+    against=None,
+    examples: int = 5,
+    lengths: str = "first_pad",
+) -> dict:
     """lengths: "first_pad" (the first PAD ends a sequence: PAD inside a text is an error) or
-    "explicit" (TrainConfig.lengths="explicit": a PAD / end-of-text id inside a text is reported, not refused)."""
+    "explicit" (TrainConfig.lengths="explicit": a PAD / end-of-text id inside a text is reported,
+    not refused)."""
     if lengths not in LENGTHS:
         raise ValueError(f"lengths must be one of {LENGTHS}, got {lengths!r}")
     errors = ERRORS if lengths == "first_pad" else EXPLICIT_LENGTH_ERRORS
@@ -48,27 +69,46 @@ def lint_pairs(pairs, tokenizer, *, seq_len: int, vocab_size: int, source: str =
     for i, p in enumerate(pairs):
         c, r = pair_ids(p, tokenizer)
         longest.append(max(len(c), len(r)))
-        for flag in _flags(p, c, r, tokenizer, seq_len=seq_len, vocab_size=vocab_size, seen=seen,
-                           other_texts=other_texts):
+        for flag in _flags(
+            p, c, r, tokenizer, seq_len=seq_len, vocab_size=vocab_size, seen=seen, other_texts=other_texts
+        ):
             checks[flag].append(pair_location(source, i, p))
     longest = np.array(longest or [0])
     report = {
-        "source": source, "pairs": len(pairs), "seq_len": seq_len, "vocab_size": vocab_size,
+        "source": source,
+        "pairs": len(pairs),
+        "seq_len": seq_len,
+        "vocab_size": vocab_size,
         "lengths": lengths,
-        "tokens_per_pair": {"min": int(longest.min()), "p50": int(np.percentile(longest, 50)),
-                            "p90": int(np.percentile(longest, 90)), "p99": int(np.percentile(longest, 99)),
-                            "max": int(longest.max()), "mean": round(float(longest.mean()), 2)},
+        "tokens_per_pair": {
+            "min": int(longest.min()),
+            "p50": int(np.percentile(longest, 50)),
+            "p90": int(np.percentile(longest, 90)),
+            "p99": int(np.percentile(longest, 99)),
+            "max": int(longest.max()),
+            "mean": round(float(longest.mean()), 2),
+        },
         "checks": {name: {"count": len(found), "first": found[:examples]} for name, found in checks.items()},
     }
-    report["trainable_pairs"] = len(pairs) - len({w for name in ("too_long", "identical", *errors)
-                                                  for w in checks[name]})
+    report["trainable_pairs"] = len(pairs) - len(
+        {w for name in ("too_long", "identical", *errors) for w in checks[name]}
+    )
     report["error_checks"] = list(errors)
     report["errors"] = sum(len(checks[name]) for name in errors)
     return report
 
 
-def _flags(p, c: list[int], r: list[int], tokenizer, *, seq_len: int, vocab_size: int, seen: set,
-           other_texts: set | None) -> list[str]:
+def _flags(
+    p,
+    c: list[int],
+    r: list[int],
+    tokenizer,
+    *,
+    seq_len: int,
+    vocab_size: int,
+    seen: set,
+    other_texts: set | None,
+) -> list[str]:
     """The checks pair p (token ids c, r) fails; adds it to `seen` (the duplicate check)."""
     pad_id, eot_id = vocab_size - 1, getattr(tokenizer, "eot_id", None)
     flags = []
@@ -94,19 +134,32 @@ def _flags(p, c: list[int], r: list[int], tokenizer, *, seq_len: int, vocab_size
     if key in seen:
         flags.append("duplicate")
     seen.add(key)
-    if other_texts is not None and p.chosen_ids is None and (
-            p.prompt + p.chosen in other_texts or p.prompt + p.rejected in other_texts):
+    if (
+        other_texts is not None
+        and p.chosen_ids is None
+        and (p.prompt + p.chosen in other_texts or p.prompt + p.rejected in other_texts)
+    ):
         flags.append("in_other_file")
     return flags
 
 
 def format_report(report: dict) -> str:
     t = report["tokens_per_pair"]
-    lines = [f"{report['source']}: {report['pairs']} pairs, {report['trainable_pairs']} trainable at "
-             f"seq_len {report['seq_len']}" + (" (explicit lengths)" if report.get("lengths") == "explicit" else ""),
-             f"tokens per pair (longer side): min {t['min']}  p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  "
-             f"max {t['max']}  mean {t['mean']}"]
+    lines = [
+        f"{report['source']}: {report['pairs']} pairs, {report['trainable_pairs']} trainable at "
+        f"seq_len {report['seq_len']}"
+        + (" (explicit lengths)" if report.get("lengths") == "explicit" else ""),
+        f"tokens per pair (longer side): min {t['min']}  p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  "
+        f"max {t['max']}  mean {t['mean']}",
+    ]
     for name, c in report["checks"].items():
-        mark = "ERROR" if name in report.get("error_checks", ERRORS) and c["count"] else ("warn" if c["count"] else "ok")
-        lines.append(f"  {mark:<5} {name:<28} {c['count']:>7}" + (f"   first: {', '.join(c['first'])}" if c["first"] else ""))
+        mark = (
+            "ERROR"
+            if name in report.get("error_checks", ERRORS) and c["count"]
+            else ("warn" if c["count"] else "ok")
+        )
+        lines.append(
+            f"  {mark:<5} {name:<28} {c['count']:>7}"
+            + (f"   first: {', '.join(c['first'])}" if c["first"] else "")
+        )
     return "\n".join(lines)

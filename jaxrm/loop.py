@@ -4,6 +4,7 @@ In the order fit uses them: RunLog (the one logging path), the run's data, resum
 (config check and restore, or a fresh state), the loop (with Preemption and NonFinitePolicy),
 then the export and the final evaluation.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,10 +40,10 @@ class RunLog:
     callable instead, on every process) and metrics.jsonl, one row per step and per evaluation."""
 
     def __init__(self, tc: TrainConfig, log=None):
-        self.primary = jax.process_index() == 0          # writes metrics, config, weights
+        self.primary = jax.process_index() == 0  # writes metrics, config, weights
         self.progress = Progress(tc.max_steps, tc.log_every)
         self.log = log
-        self.metrics = None                              # MetricsLog, from open()
+        self.metrics = None  # MetricsLog, from open()
         self.last_time = time.time()
 
     def say(self, text: str, every_process: bool = False) -> None:
@@ -71,8 +72,10 @@ class RunLog:
 
     def eval(self, step: int, result: dict) -> None:
         self.metrics.write({"kind": "eval", "step": step, **result})
-        self.say(f"step {step}: validation accuracy {result['accuracy']:.4f} loss {result['loss']:.4f} "
-                 f"({result['pairs']} pairs)")
+        self.say(
+            f"step {step}: validation accuracy {result['accuracy']:.4f} loss {result['loss']:.4f} "
+            f"({result['pairs']} pairs)"
+        )
 
 
 class Preemption:
@@ -112,40 +115,61 @@ class NonFinitePolicy:
         where = f"step {step}: loss {metrics['loss']}, grad norm {metrics['grad_norm']}"
         latest = self.checkpoints.latest_step()
         if self.tc.nonfinite == "stop":
-            raise TrainingError(f"non-finite loss or gradient at {where}; parameters were not updated. "
-                                f"Last good checkpoint: step {latest} in {self.checkpoints.directory}. "
-                                f"Use --nonfinite=skip to skip such steps.")
+            raise TrainingError(
+                f"non-finite loss or gradient at {where}; parameters were not updated. "
+                f"Last good checkpoint: step {latest} in {self.checkpoints.directory}. "
+                f"Use --nonfinite=skip to skip such steps."
+            )
         self.in_a_row += 1
         self.say(f"skipped non-finite {where} ({self.in_a_row} in a row)")
         if self.in_a_row > self.tc.max_nonfinite_skips:
-            raise TrainingError(f"{self.in_a_row} non-finite steps in a row (limit max_nonfinite_skips="
-                                f"{self.tc.max_nonfinite_skips}), last at {where}; "
-                                f"last good checkpoint: step {latest}")
+            raise TrainingError(
+                f"{self.in_a_row} non-finite steps in a row (limit max_nonfinite_skips="
+                f"{self.tc.max_nonfinite_skips}), last at {where}; "
+                f"last good checkpoint: step {latest}"
+            )
 
 
 # -----------------------------------------------------------------------------
 # data and resume
+
 
 def load_run_data(run: RunConfig, say):
     """(tokenizer, train pairs, validation pairs or None) of `run`; default: the bundled splits."""
     tc, mc = run.train, run.model
     tokenizer = get_tokenizer(tc.tokenizer)
     if tokenizer.vocab_size > mc.vocab_size:
-        raise ValueError(f"tokenizer {tc.tokenizer!r} has {tokenizer.vocab_size} ids but the model's "
-                         f"vocab_size is {mc.vocab_size}; set vocab_size >= {tokenizer.vocab_size}")
+        raise ValueError(
+            f"tokenizer {tc.tokenizer!r} has {tokenizer.vocab_size} ids but the model's "
+            f"vocab_size is {mc.vocab_size}; set vocab_size >= {tokenizer.vocab_size}"
+        )
     train_path = tc.data or str(bundled_data_path("train"))
     train, stats = load_split(run, tokenizer, train_path, train_path)
-    say(f"train data {train_path}: {stats['pairs_kept']} pairs (dropped {stats['dropped_too_long']} "
-        f"too long, {stats['dropped_identical']} identical)")
+    say(
+        f"train data {train_path}: {stats['pairs_kept']} pairs (dropped {stats['dropped_too_long']} "
+        f"too long, {stats['dropped_identical']} identical)"
+    )
     val_path = tc.eval_data or ("" if tc.data else str(bundled_data_path("validation")))
     validation = load_split(run, tokenizer, val_path, val_path)[0] if val_path else None
     return tokenizer, train, validation
 
 
 # keys that may change between a run and its resume; any other difference is another run
-RESUMABLE_CHANGES = {"max_steps", "eval_every", "eval_pairs", "checkpoint_every", "keep_checkpoints",
-                     "log_every", "nonfinite", "max_nonfinite_skips", "mesh_data", "mesh_fsdp",
-                     *ModelConfig.PLAN_FIELDS, "deterministic", "debug_checks"}
+RESUMABLE_CHANGES = {
+    "max_steps",
+    "eval_every",
+    "eval_pairs",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "nonfinite",
+    "max_nonfinite_skips",
+    "mesh_data",
+    "mesh_fsdp",
+    *ModelConfig.PLAN_FIELDS,
+    "deterministic",
+    "debug_checks",
+}
 
 
 def config_differences(saved: dict, run: RunConfig) -> list[str]:
@@ -153,9 +177,12 @@ def config_differences(saved: dict, run: RunConfig) -> list[str]:
     apart; keys added since the checkpoint was written count as their defaults. A saved config
     that this version cannot read raises its TypeError / ValueError."""
     saved, current = RunConfig.from_dict(saved).to_dict(), run.to_dict()
-    return [f"{section}.{key}: checkpoint has {saved[section].get(key)!r}, this run {value!r}"
-            for section in ("model", "train") for key, value in current[section].items()
-            if saved[section].get(key) != value and key not in RESUMABLE_CHANGES]
+    return [
+        f"{section}.{key}: checkpoint has {saved[section].get(key)!r}, this run {value!r}"
+        for section in ("model", "train")
+        for key, value in current[section].items()
+        if saved[section].get(key) != value and key not in RESUMABLE_CHANGES
+    ]
 
 
 def _check_resumable(checkpoints: Checkpointer, step: int, run: RunConfig, out: pathlib.Path) -> None:
@@ -163,15 +190,26 @@ def _check_resumable(checkpoints: Checkpointer, step: int, run: RunConfig, out: 
     try:
         differences = config_differences(checkpoints.read_meta(step).get("config", {}), run)
     except (TypeError, ValueError) as e:
-        raise TrainingError(f"{where}: the checkpoint's config is not one this version of jaxrm can read "
-                            f"({e}); use another --out") from None
+        raise TrainingError(
+            f"{where}: the checkpoint's config is not one this version of jaxrm can read "
+            f"({e}); use another --out"
+        ) from None
     if differences:
-        raise TrainingError(f"{out} holds a run with another config ({'; '.join(differences)}); "
-                            f"use another --out or the same settings")
+        raise TrainingError(
+            f"{out} holds a run with another config ({'; '.join(differences)}); "
+            f"use another --out or the same settings"
+        )
 
 
-def resume_or_init(run: RunConfig, out: pathlib.Path, checkpoints: Checkpointer, batches: BatchIterator,
-                   mesh, init_model: RewardModel | None, log: RunLog) -> tuple[TrainState, int | None]:
+def resume_or_init(
+    run: RunConfig,
+    out: pathlib.Path,
+    checkpoints: Checkpointer,
+    batches: BatchIterator,
+    mesh,
+    init_model: RewardModel | None,
+    log: RunLog,
+) -> tuple[TrainState, int | None]:
     """(state, resumed step): the latest intact checkpoint's, with `batches` moved to its data
     position, when its config matches `run`; else (a fresh state, None) and config.json written."""
     tc, mc = run.train, run.model
@@ -192,6 +230,7 @@ def resume_or_init(run: RunConfig, out: pathlib.Path, checkpoints: Checkpointer,
 
 # -----------------------------------------------------------------------------
 # the loop
+
 
 def host_params(params, mesh):
     """Params as they are on one device (for evaluation and export), gathered from the mesh."""
@@ -233,8 +272,10 @@ class _Loop:
                     params = host_params(state.params, self.mesh)
                     self.log.eval(step, self.evaluate(params, validation, tc.eval_pairs))
                 if preemption.received:
-                    raise Preempted(f"received signal {preemption.received}: saved checkpoint step {step} in "
-                                    f"{self.checkpoints.directory}; run the same command again to resume")
+                    raise Preempted(
+                        f"received signal {preemption.received}: saved checkpoint step {step} in "
+                        f"{self.checkpoints.directory}; run the same command again to resume"
+                    )
             if pending is not None:
                 self.report(*pending)
         return state
@@ -256,8 +297,9 @@ class _Loop:
         return evaluate(self.eval_step, params, data, EVAL_BATCH_SIZE, limit, self.run.train)
 
 
-def _finish(loop: _Loop, state: TrainState, out: pathlib.Path, tokenizer, train_pairs: int, validation,
-            started: float) -> dict:
+def _finish(
+    loop: _Loop, state: TrainState, out: pathlib.Path, tokenizer, train_pairs: int, validation, started: float
+) -> dict:
     """Export the weights and curves, evaluate (validation, and the bundled test split with the
     bundled data), write summary.json; the summary."""
     run, log = loop.run, loop.log
@@ -286,25 +328,36 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
     """
     started = time.time()
     tc = run.train
-    mesh = shd.make_mesh(tc.mesh_data, tc.mesh_fsdp)     # None: one device, the unsharded path
+    mesh = shd.make_mesh(tc.mesh_data, tc.mesh_fsdp)  # None: one device, the unsharded path
     shd.batch_size_per_shard(mesh, tc.batch_size, tc.grad_accum_steps)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run_log = RunLog(tc, log)
     if tc.deterministic:  # the CLI already set it before JAX started; a library caller is warned if too late
         applied = use_deterministic_ops()
-        run_log.say(f"deterministic: XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}"
-                    + ("" if applied else " (set too late)"))
+        run_log.say(
+            f"deterministic: XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}"
+            + ("" if applied else " (set too late)")
+        )
     tokenizer, train_data, validation = load_run_data(run, run_log.say)
     checkpoints = Checkpointer(out / rundir.CHECKPOINTS, keep=tc.keep_checkpoints)
-    rows = shd.process_rows(mesh, tc.batch_size)          # this process's pairs of each global batch
-    batches = BatchIterator(train_data, tc.batch_size, seed=tc.seed, group_by_length=tc.group_by_length,
-                            pad_multiple=tc.pad_multiple, rows=None if rows == (0, tc.batch_size) else rows)
+    rows = shd.process_rows(mesh, tc.batch_size)  # this process's pairs of each global batch
+    batches = BatchIterator(
+        train_data,
+        tc.batch_size,
+        seed=tc.seed,
+        group_by_length=tc.group_by_length,
+        pad_multiple=tc.pad_multiple,
+        rows=None if rows == (0, tc.batch_size) else rows,
+    )
     state, resume_step = resume_or_init(run, out, checkpoints, batches, mesh, init_model, run_log)
     if mesh is not None:  # every process says which rows it loads
-        run_log.say(f"mesh data={tc.mesh_data} x fsdp={tc.mesh_fsdp} over {jax.device_count()} devices, "
-                    f"{jax.process_count()} process(es); this process loads pairs "
-                    f"{rows[0]}..{rows[1] - 1} of each batch", every_process=True)
+        run_log.say(
+            f"mesh data={tc.mesh_data} x fsdp={tc.mesh_fsdp} over {jax.device_count()} devices, "
+            f"{jax.process_count()} process(es); this process loads pairs "
+            f"{rows[0]}..{rows[1] - 1} of each batch",
+            every_process=True,
+        )
     run_log.open(out / rundir.METRICS, resume_step)
     loop = _Loop(run, mesh, batches, checkpoints, run_log)
     state = loop.steps(state, validation)

@@ -4,6 +4,7 @@ Default = the original (trlx) span loss: per pair, the mean over t in [div, max(
 of -logsigmoid(chosen_r[t] - rejected_r[t]); identical pairs add nothing but count in the
 denominator; end scores are read at end - 1. Rows: 0..bs-1 chosen, bs..2bs-1 rejected.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -18,20 +19,20 @@ from jaxrm.tokenizer import first_out_of_range
 
 
 class PairwiseOutput(NamedTuple):
-    loss: jax.Array                 # () float32
-    chosen_end_scores: jax.Array    # (bs,) reward at the chosen sequence's last real token
+    loss: jax.Array  # () float32
+    chosen_end_scores: jax.Array  # (bs,) reward at the chosen sequence's last real token
     rejected_end_scores: jax.Array  # (bs,) same for rejected (not meaningful where identical)
-    identical: jax.Array            # (bs,) bool: chosen == rejected; no loss term
-    accuracy: jax.Array             # () fraction of non-identical pairs with chosen > rejected
-    per_pair_loss: jax.Array        # (bs,) each pair's loss term (0 for identical pairs)
-    centered: jax.Array             # (bs,) (c_end + r_end)^2, 0 for identical pairs (centering term)
+    identical: jax.Array  # (bs,) bool: chosen == rejected; no loss term
+    accuracy: jax.Array  # () fraction of non-identical pairs with chosen > rejected
+    per_pair_loss: jax.Array  # (bs,) each pair's loss term (0 for identical pairs)
+    centered: jax.Array  # (bs,) (c_end + r_end)^2, 0 for identical pairs (centering term)
 
 
 def sequence_ends(input_ids, pad_id: int, lengths=None):
     """(B,) end of each row: explicit `lengths`, else the index of the first PAD, else T."""
     if lengths is not None:
         return jnp.asarray(lengths, jnp.int32)
-    is_pad = input_ids == pad_id                                      # (B, T)
+    is_pad = input_ids == pad_id  # (B, T)
     T = input_ids.shape[1]
     return jnp.where(is_pad.any(axis=1), jnp.argmax(is_pad, axis=1), T).astype(jnp.int32)
 
@@ -60,9 +61,18 @@ def _score_at(rewards, index):
     return jnp.where(index >= 0, scores, jnp.nan)
 
 
-def pairwise_loss(rewards, input_ids, pad_id: int, return_loss: bool = True, *,
-                  loss_type: str = "span", margins=None, center_rewards_coef: float = 0.0,
-                  normalize_by: str = "pairs", lengths=None) -> PairwiseOutput:
+def pairwise_loss(
+    rewards,
+    input_ids,
+    pad_id: int,
+    return_loss: bool = True,
+    *,
+    loss_type: str = "span",
+    margins=None,
+    center_rewards_coef: float = 0.0,
+    normalize_by: str = "pairs",
+    lengths=None,
+) -> PairwiseOutput:
     """Loss and end scores for a pair batch.
 
     Options (all off by default, i.e. the original):
@@ -81,14 +91,16 @@ def pairwise_loss(rewards, input_ids, pad_id: int, return_loss: bool = True, *,
     if rewards.shape != input_ids.shape or rewards.ndim != 2:
         raise ValueError(f"rewards {rewards.shape} and input_ids {input_ids.shape} must both be (2*bs, T)")
     if input_ids.shape[0] % 2:
-        raise ValueError(f"a pair batch needs an even number of rows (chosen then rejected), got {input_ids.shape[0]}")
+        raise ValueError(
+            f"a pair batch needs an even number of rows (chosen then rejected), got {input_ids.shape[0]}"
+        )
     bs, T = input_ids.shape[0] // 2, input_ids.shape[1]
     rewards = rewards.astype(jnp.float32)
 
-    ends = sequence_ends(input_ids, pad_id, lengths)                   # (2bs,)
+    ends = sequence_ends(input_ids, pad_id, lengths)  # (2bs,)
     c_end, r_end = ends[:bs], ends[bs:]
     c_ids, r_ids = input_ids[:bs], input_ids[bs:]
-    c_rewards, r_rewards = rewards[:bs], rewards[bs:]                  # (bs, T)
+    c_rewards, r_rewards = rewards[:bs], rewards[bs:]  # (bs, T)
 
     differs = _differs(c_ids, r_ids, c_end, r_end, lengths is not None)  # (bs, T)
     identical = ~differs.any(axis=1)
@@ -97,14 +109,16 @@ def pairwise_loss(rewards, input_ids, pad_id: int, return_loss: bool = True, *,
     margins = jnp.zeros((bs,), jnp.float32) if margins is None else jnp.asarray(margins, jnp.float32)
 
     if loss_type == "span":
-        div = jnp.argmax(differs, axis=1)                              # first differing index (0 if none)
+        div = jnp.argmax(differs, axis=1)  # first differing index (0 if none)
         end = jnp.maximum(c_end, r_end)
-        t = jnp.arange(T)[None, :]                                     # (1, T)
-        in_span = (t >= div[:, None]) & (t < end[:, None])             # (bs, T)
+        t = jnp.arange(T)[None, :]  # (1, T)
+        in_span = (t >= div[:, None]) & (t < end[:, None])  # (bs, T)
         token_loss = -jax.nn.log_sigmoid(c_rewards - r_rewards - margins[:, None])
         span_len = in_span.sum(axis=1)
         # An empty span (only possible with malformed rows) gives NaN, as the original's mean would.
-        per_pair = jnp.where(in_span, token_loss, 0.0).sum(axis=1) / jnp.where(span_len > 0, span_len, jnp.nan)
+        per_pair = jnp.where(in_span, token_loss, 0.0).sum(axis=1) / jnp.where(
+            span_len > 0, span_len, jnp.nan
+        )
     else:
         per_pair = -jax.nn.log_sigmoid(chosen_end_scores - rejected_end_scores - margins)
     per_pair = jnp.where(identical, 0.0, per_pair)
@@ -116,7 +130,9 @@ def pairwise_loss(rewards, input_ids, pad_id: int, return_loss: bool = True, *,
         denominator, num_counted = loss_denominators(identical, normalize_by)
         loss = reduce_loss(per_pair, centered, denominator, num_counted, center_rewards_coef)
     accuracy = counted_mean((chosen_end_scores > rejected_end_scores).astype(jnp.float32), identical)
-    return PairwiseOutput(loss, chosen_end_scores, rejected_end_scores, identical, accuracy, per_pair, centered)
+    return PairwiseOutput(
+        loss, chosen_end_scores, rejected_end_scores, identical, accuracy, per_pair, centered
+    )
 
 
 def loss_denominators(identical, normalize_by: str):
@@ -141,8 +157,9 @@ class PairBatchError(ValueError):
     pass
 
 
-def validate_pair_batch(input_ids, pad_id: int, vocab_size: int, block_size: int | None = None,
-                        lengths=None) -> None:
+def validate_pair_batch(
+    input_ids, pad_id: int, vocab_size: int, block_size: int | None = None, lengths=None
+) -> None:
     """Host-side checks before the loss: what would otherwise give a wrong number or a NaN."""
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or ids.shape[0] % 2 or ids.shape[0] == 0:
@@ -159,7 +176,9 @@ def validate_pair_batch(input_ids, pad_id: int, vocab_size: int, block_size: int
         raise PairBatchError(f"length {ends[row]} of row {row} is outside [1, {ids.shape[1]}]")
     empty = np.flatnonzero(ends == 0)
     if empty.size:
-        raise PairBatchError(f"row {empty[0]} is empty (all padding or length 0): it has no last token to score")
+        raise PairBatchError(
+            f"row {empty[0]} is empty (all padding or length 0): it has no last token to score"
+        )
     if lengths is not None:  # spans are cut to real tokens: never empty
         return
     bs = ids.shape[0] // 2
@@ -169,5 +188,7 @@ def validate_pair_batch(input_ids, pad_id: int, vocab_size: int, block_size: int
     empty_span = differs.any(axis=1) & (div >= end)
     if empty_span.any():
         i = int(np.flatnonzero(empty_span)[0])
-        raise PairBatchError(f"pair {i} first differs at position {div[i]}, after both sequences end "
-                             f"({end[i]}): the difference is in the padding; its loss span is empty")
+        raise PairBatchError(
+            f"pair {i} first differs at position {div[i]}, after both sequences end "
+            f"({end[i]}): the difference is in the padding; its loss span is empty"
+        )

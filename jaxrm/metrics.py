@@ -5,6 +5,7 @@ Denominators: accuracy, margin and the reward means / standard deviations are ov
 non-identical pairs (an identical pair has no rejected score and no loss term); the loss is
 normalized by jaxrm.loss.reduce_loss, as TrainConfig.normalize_by says.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -24,6 +25,12 @@ def pair_metrics(chosen, rejected, identical, loss) -> dict:
     """
     mean = lambda x: counted_mean(x, identical)
     std = lambda x: jnp.sqrt(mean((x - mean(x)) ** 2))
-    return {"accuracy": mean((chosen > rejected).astype(jnp.float32)), "loss": loss,
-            "margin": mean(chosen - rejected), "chosen_mean": mean(chosen), "chosen_std": std(chosen),
-            "rejected_mean": mean(rejected), "rejected_std": std(rejected)}
+    return {
+        "accuracy": mean((chosen > rejected).astype(jnp.float32)),
+        "loss": loss,
+        "margin": mean(chosen - rejected),
+        "chosen_mean": mean(chosen),
+        "chosen_std": std(chosen),
+        "rejected_mean": mean(rejected),
+        "rejected_std": std(rejected),
+    }

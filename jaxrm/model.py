@@ -105,7 +105,9 @@ def block_at(p, x, at, cfg: ModelConfig, plan: Plan):
     query_part = {"kernel": c_attn["kernel"][:, :C], "bias": c_attn["bias"][:C]}
     key_value_part = {"kernel": c_attn["kernel"][:, C:], "bias": c_attn["bias"][C:]}
     k, v = split_heads(linear(key_value_part, h, cfg, plan), cfg)  # each (B, T, nh, hs)
-    (q,) = split_heads(linear(query_part, jnp.take_along_axis(h, at, axis=1), cfg, plan), cfg)  # (B, 1, nh, hs)
+    (q,) = split_heads(
+        linear(query_part, jnp.take_along_axis(h, at, axis=1), cfg, plan), cfg
+    )  # (B, 1, nh, hs)
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, nh, 1 or T, hs)
     visible = jnp.arange(T)[None, None, None, :] <= at[:, :, :, None]  # (B, 1, 1, T)
     y = kernels.attend(q, k, v, visible).reshape(B, 1, C)  # (B, nh, 1, hs) -> (B, 1, C)
@@ -253,7 +255,9 @@ def _residual_std(config: ModelConfig) -> float:
 def check_input_ids(input_ids, config: ModelConfig) -> None:
     """Clear errors for bad ids: shape and dtype always; values too when they are concrete (not traced)."""
     if getattr(input_ids, "ndim", None) != 2:
-        raise ValueError(f"input_ids must have shape (B, T), got {getattr(input_ids, 'shape', type(input_ids))}")
+        raise ValueError(
+            f"input_ids must have shape (B, T), got {getattr(input_ids, 'shape', type(input_ids))}"
+        )
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise ValueError(f"input_ids must be integers, got dtype {input_ids.dtype}")
     T = input_ids.shape[1]
@@ -264,4 +268,6 @@ def check_input_ids(input_ids, config: ModelConfig) -> None:
     bad = first_out_of_range(input_ids, config.vocab_size)
     if bad is not None:
         row, col, token = bad
-        raise ValueError(f"token id {token} at row {row}, position {col} is outside [0, vocab_size={config.vocab_size})")
+        raise ValueError(
+            f"token id {token} at row {row}, position {col} is outside [0, vocab_size={config.vocab_size})"
+        )

@@ -3,6 +3,7 @@
 Weight decay applies exactly to parameters with ndim >= 2 (matmul weights, embeddings and the
 reward head); biases and LayerNorm scales are not decayed.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,10 @@ def describe_decay(params) -> str:
     leaves = jax.tree.leaves(params)
     decay = [p for p in leaves if p.ndim >= 2]
     nodecay = [p for p in leaves if p.ndim < 2]
-    return (f"num decayed parameter tensors: {len(decay)}, with {sum(p.size for p in decay):,} parameters\n"
-            f"num non-decayed parameter tensors: {len(nodecay)}, with {sum(p.size for p in nodecay):,} parameters")
+    return (
+        f"num decayed parameter tensors: {len(decay)}, with {sum(p.size for p in decay):,} parameters\n"
+        f"num non-decayed parameter tensors: {len(nodecay)}, with {sum(p.size for p in nodecay):,} parameters"
+    )
 
 
 def learning_rate(step, *, peak: float, min_lr: float, warmup_steps: int, decay_steps: int):
@@ -48,6 +51,7 @@ def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformat
 
     optax.clip_by_global_norm has no 1e-6 and so differs from torch at the last bits.
     """
+
     def init(params):
         del params
         return ClipState()
@@ -64,10 +68,16 @@ def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformat
 def make_optimizer(train_config, params) -> optax.GradientTransformation:
     """Clipping (if grad_clip > 0) then AdamW with the decay mask and the nanoGPT schedule."""
     tc = train_config
-    schedule = lambda count: learning_rate(count, peak=tc.learning_rate, min_lr=tc.min_lr,
-                                           warmup_steps=tc.warmup_steps, decay_steps=tc.decay_steps)
-    adamw = optax.adamw(schedule, b1=tc.beta1, b2=tc.beta2, eps=tc.eps,
-                        weight_decay=tc.weight_decay, mask=decay_mask(params))
+    schedule = lambda count: learning_rate(
+        count,
+        peak=tc.learning_rate,
+        min_lr=tc.min_lr,
+        warmup_steps=tc.warmup_steps,
+        decay_steps=tc.decay_steps,
+    )
+    adamw = optax.adamw(
+        schedule, b1=tc.beta1, b2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay, mask=decay_mask(params)
+    )
     if tc.grad_clip > 0:
         return optax.chain(clip_by_global_norm_like_torch(tc.grad_clip), adamw)
     return adamw

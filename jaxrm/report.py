@@ -1,4 +1,5 @@
 """What a run shows and leaves behind: progress lines, metrics.jsonl, curves.png."""
+
 from __future__ import annotations
 
 import json
@@ -17,12 +18,16 @@ class Progress:
         self.start = time.time()
 
     def update(self, step: int, metrics: dict) -> None:
-        text = (f"step {step:>6}/{self.total}  loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.3f}  "
-                f"lr {metrics['lr']:.2e}  {metrics.get('tokens_per_s', 0):,.0f} tok/s")
+        text = (
+            f"step {step:>6}/{self.total}  loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.3f}  "
+            f"lr {metrics['lr']:.2e}  {metrics.get('tokens_per_s', 0):,.0f} tok/s"
+        )
         if self.live:
             width = 24
             done = int(width * step / max(self.total, 1))
-            self.stream.write(f"\r[{'#' * done}{'.' * (width - done)}] {text}  {time.time() - self.start:5.0f}s")
+            self.stream.write(
+                f"\r[{'#' * done}{'.' * (width - done)}] {text}  {time.time() - self.start:5.0f}s"
+            )
             self.stream.flush()
         elif step % self.log_every == 0 or step == self.total:
             print(text, file=self.stream, flush=True)
@@ -48,7 +53,9 @@ class MetricsLog:
         self.path = pathlib.Path(path)
         if resume_step is not None and self.path.exists():
             lines = [(line, _record(line)) for line in self.path.read_text().splitlines()]
-            kept = [line for line, record in lines if record is not None and record.get("step", 0) <= resume_step]
+            kept = [
+                line for line, record in lines if record is not None and record.get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None:
             self.path.write_text("")
@@ -60,12 +67,15 @@ class MetricsLog:
 
 def read_metrics(path) -> list[dict]:
     path = pathlib.Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
 
 
 def plot_curves(metrics_path, png_path) -> None:
     """Training loss and accuracy (smoothed), with validation points, to a PNG."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -80,7 +90,9 @@ def plot_curves(metrics_path, png_path) -> None:
             ax.plot(steps, values, color="tab:blue", alpha=0.25, lw=0.8)
             ax.plot(steps, _smooth(values), color="tab:blue", label="train (smoothed)")
         if val:
-            ax.plot([r["step"] for r in val], [r[key] for r in val], "o-", color="tab:orange", label="validation")
+            ax.plot(
+                [r["step"] for r in val], [r[key] for r in val], "o-", color="tab:orange", label="validation"
+            )
         ax.set_xlabel("step")
         ax.set_title(key)
         ax.grid(alpha=0.3)

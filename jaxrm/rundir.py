@@ -1,4 +1,5 @@
 """A run directory: config.json, metrics.jsonl, checkpoints/, model.safetensors, curves.png."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,13 @@ from jaxrm.model import RewardModel
 from jaxrm.state import abstract_train_state, merge_model
 
 CONFIG, METRICS, CHECKPOINTS, WEIGHTS, CURVES, SUMMARY = (
-    "config.json", "metrics.jsonl", "checkpoints", "model.safetensors", "curves.png", "summary.json")
+    "config.json",
+    "metrics.jsonl",
+    "checkpoints",
+    "model.safetensors",
+    "curves.png",
+    "summary.json",
+)
 
 
 def write_config(run_dir, run: RunConfig) -> None:
@@ -34,8 +41,11 @@ def read_config(run_dir) -> RunConfig:
 def export_weights(run_dir, model: RewardModel, path=None) -> pathlib.Path:
     """Write the weights under torchref's state_dict keys to `path` (default RUN_DIR/model.safetensors)."""
     path = pathlib.Path(path) if path is not None else pathlib.Path(run_dir) / WEIGHTS
-    save_safetensors(convert.to_torch_state_dict(model), path,
-                     metadata={"format": "torchref", "model_config": json.dumps(model.config.__dict__)})
+    save_safetensors(
+        convert.to_torch_state_dict(model),
+        path,
+        metadata={"format": "torchref", "model_config": json.dumps(model.config.__dict__)},
+    )
     return path
 
 

@@ -19,6 +19,7 @@ The `jaxrm` CLI and `python -m benchmarks` call `setup()` first thing. Library u
 import jaxrm in their own program get no re-exec; they can start Python themselves with
 LD_PRELOAD=$(python -c "import jaxrm.runtime as r; print(r.find_tcmalloc() or '')").
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -34,8 +35,14 @@ _CANDIDATES = (
     "libtcmalloc.so.4",
 )
 _SEARCH_DIRS = (
-    "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/lib/x86_64-linux-gnu",
-    "/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib", "/opt/homebrew/lib",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/lib/x86_64-linux-gnu",
+    "/lib/aarch64-linux-gnu",
+    "/usr/lib64",
+    "/usr/lib",
+    "/usr/local/lib",
+    "/opt/homebrew/lib",
 )
 
 
@@ -107,6 +114,7 @@ def backend_initialized() -> bool:
         return False
     try:
         from jax._src import xla_bridge
+
         return bool(xla_bridge.backends_are_initialized())
     except (ImportError, AttributeError):  # a JAX without this private helper: assume started
         return True
@@ -124,12 +132,18 @@ def use_deterministic_ops(environ=None) -> bool:
     if all(f in flags for f in DETERMINISTIC_XLA_FLAGS):
         return True
     names = {f.split("=", 1)[0] for f in DETERMINISTIC_XLA_FLAGS}
-    env["XLA_FLAGS"] = " ".join([f for f in flags if f.split("=", 1)[0] not in names] + list(DETERMINISTIC_XLA_FLAGS))
+    env["XLA_FLAGS"] = " ".join(
+        [f for f in flags if f.split("=", 1)[0] not in names] + list(DETERMINISTIC_XLA_FLAGS)
+    )
     if backend_initialized():
-        warnings.warn("deterministic: JAX had already initialized its backend, so the XLA_FLAGS "
-                      f"{' '.join(DETERMINISTIC_XLA_FLAGS)} do not apply to this process (GPU results may "
-                      "vary run to run). Set them in XLA_FLAGS before JAX starts, or use `jaxrm train "
-                      "--deterministic`, which does.", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            "deterministic: JAX had already initialized its backend, so the XLA_FLAGS "
+            f"{' '.join(DETERMINISTIC_XLA_FLAGS)} do not apply to this process (GPU results may "
+            "vary run to run). Set them in XLA_FLAGS before JAX starts, or use `jaxrm train "
+            "--deterministic`, which does.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return False
     return True
 

@@ -10,6 +10,7 @@ as a (2, B, T) array sharded on B, so the chosen row and the rejected row of a p
 the same device; one device gets the same (2, B, T) layout (see jaxrm/step.py). A 1x1 mesh
 means "no sharding": no mesh, no shardings.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,12 +19,13 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxrm.config import COORDINATOR_TIMEOUT_S
 
 AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")   # the batch (pair) dimension is split over both axes
+BATCH_AXES = ("data", "fsdp")  # the batch (pair) dimension is split over both axes
 
 
 class ShardingError(ValueError):
@@ -43,16 +45,25 @@ def make_mesh(data: int = 1, fsdp: int = 1, devices=None) -> Mesh | None:
     devices = list(jax.devices() if devices is None else devices)
     n = data * fsdp
     if n > len(devices):
-        raise ShardingError(f"mesh data={data} x fsdp={fsdp} needs {n} devices but only {len(devices)} are present "
-                            f"({devices[0].platform}); lower mesh_data / mesh_fsdp"
-                            + (" or set XLA_FLAGS=--xla_force_host_platform_device_count=N before starting "
-                               "(CPU only, for testing)" if devices[0].platform == "cpu" else ""))
+        raise ShardingError(
+            f"mesh data={data} x fsdp={fsdp} needs {n} devices but only {len(devices)} are present "
+            f"({devices[0].platform}); lower mesh_data / mesh_fsdp"
+            + (
+                " or set XLA_FLAGS=--xla_force_host_platform_device_count=N before starting "
+                "(CPU only, for testing)"
+                if devices[0].platform == "cpu"
+                else ""
+            )
+        )
     if jax.process_count() > 1 and n != len(devices):
-        raise ShardingError(f"with {jax.process_count()} processes the mesh must use all {len(devices)} devices; "
-                            f"got data={data} x fsdp={fsdp} = {n}")
+        raise ShardingError(
+            f"with {jax.process_count()} processes the mesh must use all {len(devices)} devices; "
+            f"got data={data} x fsdp={fsdp} = {n}"
+        )
     # Auto axes: jit / XLA propagate shardings from the inputs' (not jax's "explicit sharding" mode)
-    return jax.make_mesh((data, fsdp), AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
-                         devices=devices[:n])
+    return jax.make_mesh(
+        (data, fsdp), AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices[:n]
+    )
 
 
 def batch_size_per_shard(mesh: Mesh | None, batch_size: int, grad_accum_steps: int = 1) -> int:
@@ -62,9 +73,11 @@ def batch_size_per_shard(mesh: Mesh | None, batch_size: int, grad_accum_steps: i
     shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
     micro = batch_size // grad_accum_steps
     if batch_size % grad_accum_steps or micro % shards:
-        raise ShardingError(f"batch_size={batch_size} (pairs) / grad_accum_steps={grad_accum_steps} = {micro} pairs "
-                            f"per micro-batch does not divide by the data-parallel size data x fsdp = {shards}; "
-                            f"use a batch_size that is a multiple of {shards * grad_accum_steps}")
+        raise ShardingError(
+            f"batch_size={batch_size} (pairs) / grad_accum_steps={grad_accum_steps} = {micro} pairs "
+            f"per micro-batch does not divide by the data-parallel size data x fsdp = {shards}; "
+            f"use a batch_size that is a multiple of {shards * grad_accum_steps}"
+        )
     return micro // shards
 
 
@@ -75,7 +88,7 @@ def param_spec(shape, fsdp: int) -> P:
     candidates = [(size, -i) for i, size in enumerate(shape) if size % fsdp == 0 and size >= fsdp]
     if not candidates:
         return P()
-    dim = -max(candidates)[1]   # the largest; the first of equal ones
+    dim = -max(candidates)[1]  # the largest; the first of equal ones
     return P(*[("fsdp" if i == dim else None) for i in range(len(shape))])
 
 
@@ -101,13 +114,18 @@ def abstract_with_shardings(abstract_state, mesh: Mesh | None):
     if mesh is None:
         return abstract_state
     shardings = state_shardings(abstract_state, mesh)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings
+    )
 
 
 def batch_shardings(mesh: Mesh, lengths: bool = False) -> dict:
     """input_ids as (2, B, T) sharded on B (pairs whole on one device); margins (B,) on B;
     with `lengths` (TrainConfig.lengths="explicit") also lengths as (2, B) sharded on B."""
-    shardings = {"input_ids": NamedSharding(mesh, P(None, BATCH_AXES)), "margins": NamedSharding(mesh, P(BATCH_AXES))}
+    shardings = {
+        "input_ids": NamedSharding(mesh, P(None, BATCH_AXES)),
+        "margins": NamedSharding(mesh, P(BATCH_AXES)),
+    }
     if lengths:
         shardings["lengths"] = NamedSharding(mesh, P(None, BATCH_AXES))
     return shardings
@@ -127,8 +145,10 @@ def process_rows(mesh: Mesh | None, batch_size: int) -> tuple[int, int]:
         rows.update(range(*index[0].indices(batch_size)))
     start, stop = min(rows), max(rows) + 1
     if len(rows) != stop - start:
-        raise ShardingError(f"process {jax.process_index()} holds non-contiguous batch rows; build the mesh "
-                            f"with jaxrm.sharding.make_mesh")
+        raise ShardingError(
+            f"process {jax.process_index()} holds non-contiguous batch rows; build the mesh "
+            f"with jaxrm.sharding.make_mesh"
+        )
     return start, stop
 
 
@@ -143,8 +163,10 @@ def shard_batch(batch: dict, mesh: Mesh | None, batch_size: int, lengths: bool =
     """
     ids = np.asarray(batch["input_ids"])
     b, T = ids.shape[0] // 2, ids.shape[1]
-    local = {"input_ids": ids.reshape(2, b, T),  # (2b, T) -> (2, b, T)
-             "margins": np.asarray(batch["margins"])}
+    local = {
+        "input_ids": ids.reshape(2, b, T),  # (2b, T) -> (2, b, T)
+        "margins": np.asarray(batch["margins"]),
+    }
     shapes = {"input_ids": (2, batch_size, T), "margins": (batch_size,)}
     if lengths:
         local["lengths"] = np.asarray(batch["lengths"], np.int32).reshape(2, b)  # (2b,) -> (2, b)
@@ -157,8 +179,9 @@ def shard_batch(batch: dict, mesh: Mesh | None, batch_size: int, lengths: bool =
     return {k: jax.make_array_from_process_local_data(shardings[k], v, shapes[k]) for k, v in local.items()}
 
 
-def initialize_distributed(coordinator: str, num_processes: int, process_id: int,
-                           timeout_s: int = COORDINATOR_TIMEOUT_S) -> None:
+def initialize_distributed(
+    coordinator: str, num_processes: int, process_id: int, timeout_s: int = COORDINATOR_TIMEOUT_S
+) -> None:
     """jax.distributed.initialize with a bounded wait; a clear error when the coordinator is unreachable.
 
     With coordinator="" the arguments are left to JAX's cluster detection (SLURM, Open MPI,
@@ -170,8 +193,11 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
         raise ShardingError(f"--process-id must be in [0, --num-processes={num_processes}), got {process_id}")
     # CPU collectives across processes (no effect on GPU / TPU); set before the backend starts
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id) \
-        if coordinator else {}
+    kwargs = (
+        dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+        if coordinator
+        else {}
+    )
     if coordinator and process_id != 0:
         # JAX aborts the whole process (not an exception) when it cannot register with the
         # coordinator, so check first that something listens there, for up to timeout_s
@@ -180,10 +206,12 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
         jax.distributed.initialize(**kwargs, initialization_timeout=timeout_s)
     except Exception as e:
         where = coordinator or "the address found by cluster detection"
-        raise ShardingError(f"could not join the JAX distributed job at {where} as process {process_id} of "
-                            f"{num_processes} within {timeout_s} s: {str(e).splitlines()[0] if str(e) else e!r}. "
-                            f"Check that process 0 is running, the address and port are reachable, and "
-                            f"--num-processes is the same everywhere.") from e
+        raise ShardingError(
+            f"could not join the JAX distributed job at {where} as process {process_id} of "
+            f"{num_processes} within {timeout_s} s: {str(e).splitlines()[0] if str(e) else e!r}. "
+            f"Check that process 0 is running, the address and port are reachable, and "
+            f"--num-processes is the same everywhere."
+        ) from e
 
 
 def _wait_for_coordinator(coordinator: str, timeout_s: float, process_id: int, num_processes: int) -> None:
@@ -195,7 +223,9 @@ def _wait_for_coordinator(coordinator: str, timeout_s: float, process_id: int, n
                 return
         except OSError as e:
             if time.monotonic() >= deadline:
-                raise ShardingError(f"cannot reach the coordinator {coordinator} (process 0) from process "
-                                    f"{process_id} of {num_processes} within {timeout_s:g} s: {e}. Start process 0 "
-                                    f"with the same --coordinator, and check the host, port and firewall.") from None
+                raise ShardingError(
+                    f"cannot reach the coordinator {coordinator} (process 0) from process "
+                    f"{process_id} of {num_processes} within {timeout_s:g} s: {e}. Start process 0 "
+                    f"with the same --coordinator, and check the host, port and firewall."
+                ) from None
             time.sleep(0.5)

@@ -1,4 +1,5 @@
 """The train state (step, parameters, optimizer state, dropout key) and the model <-> params helpers."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,10 +16,10 @@ from jaxrm.optim import make_optimizer
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array    # () int32: optimizer steps taken (skipped non-finite steps included)
-    params: Any        # nested dict of float32 arrays (nnx pure dict of the model's Params)
+    step: jax.Array  # () int32: optimizer steps taken (skipped non-finite steps included)
+    params: Any  # nested dict of float32 arrays (nnx pure dict of the model's Params)
     opt_state: Any
-    rng: jax.Array     # (2,) uint32 base key; step s uses fold_in(rng, s) for dropout
+    rng: jax.Array  # (2,) uint32 base key; step s uses fold_in(rng, s) for dropout
 
 
 def split_model(model: RewardModel):
@@ -37,14 +38,19 @@ def merge_model(model_config: ModelConfig, params) -> RewardModel:
     return nnx.merge(model_graphdef(model_config), params)
 
 
-def init_train_state(model_config: ModelConfig, train_config: TrainConfig, seed: int = 0,
-                     model: RewardModel | None = None) -> TrainState:
+def init_train_state(
+    model_config: ModelConfig, train_config: TrainConfig, seed: int = 0, model: RewardModel | None = None
+) -> TrainState:
     """A fresh state: the given model's weights, or a new init from `seed`."""
     model = model if model is not None else RewardModel(model_config, rngs=nnx.Rngs(seed))
     _, params = split_model(model)
     optimizer = make_optimizer(train_config, params)
-    return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed + 1)))
+    return TrainState(
+        step=jnp.int32(0),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(jax.random.key(seed + 1)),
+    )
 
 
 def abstract_train_state(model_config: ModelConfig, train_config: TrainConfig) -> TrainState:

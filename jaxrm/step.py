@@ -7,6 +7,7 @@ makes it from the data layer's batches:
     lengths    (2, B) int32, each row's number of real tokens (read with TrainConfig.lengths="explicit")
 Inside, the model and the loss see the original's rows: (2B, T), chosen rows then rejected rows.
 """
+
 from __future__ import annotations
 
 import jax
@@ -35,6 +36,7 @@ class TrainingError(RuntimeError):
 # -----------------------------------------------------------------------------
 # the batch: the steps' layout -> the loss's rows
 
+
 def pair_rows(batch: dict) -> dict:
     """input_ids (2, B, T) -> (2B, T) chosen rows then rejected rows; lengths (2, B) -> (2B,);
     margins (B,) unchanged."""
@@ -52,8 +54,8 @@ def micro_batches(batch: dict, k: int) -> dict:
     B = rows["input_ids"].shape[0] // 2
 
     def split(x):  # (2B, ...) -> (k, 2B/k, ...)
-        chosen = x[:B].reshape(k, B // k, *x.shape[1:])     # (k, B/k, ...)
-        rejected = x[B:].reshape(k, B // k, *x.shape[1:])   # (k, B/k, ...)
+        chosen = x[:B].reshape(k, B // k, *x.shape[1:])  # (k, B/k, ...)
+        rejected = x[B:].reshape(k, B // k, *x.shape[1:])  # (k, B/k, ...)
         return jnp.concatenate([chosen, rejected], axis=1)
 
     micro = {"input_ids": split(rows["input_ids"]), "margins": rows["margins"].reshape(k, B // k)}  # (k, B/k)
@@ -66,20 +68,27 @@ def _check_layout(batch: dict, tc: TrainConfig) -> None:
     """Trace-time checks that the batch has the steps' layout (module docstring)."""
     shape = batch["input_ids"].shape
     if len(shape) != 3 or shape[0] != 2:
-        raise ValueError(f"a step takes input_ids (2, B, T): the chosen and the rejected rows of B pairs "
-                         f"(jaxrm.sharding.shard_batch makes them from a (2B, T) batch); got {shape}")
+        raise ValueError(
+            f"a step takes input_ids (2, B, T): the chosen and the rejected rows of B pairs "
+            f"(jaxrm.sharding.shard_batch makes them from a (2B, T) batch); got {shape}"
+        )
     if tc.lengths == "explicit" and batch.get("lengths") is None:
         raise ValueError('lengths="explicit" needs batches with "lengths" ((2, B) int32, each row\'s length)')
 
 
 def _loss_options(tc: TrainConfig, rows: dict) -> dict:
-    return dict(loss_type=tc.loss_type, margins=rows["margins"] if tc.use_margins else None,
-                center_rewards_coef=tc.center_rewards_coef, normalize_by=tc.normalize_by,
-                lengths=rows.get("lengths") if tc.lengths == "explicit" else None)
+    return dict(
+        loss_type=tc.loss_type,
+        margins=rows["margins"] if tc.use_margins else None,
+        center_rewards_coef=tc.center_rewards_coef,
+        normalize_by=tc.normalize_by,
+        lengths=rows.get("lengths") if tc.lengths == "explicit" else None,
+    )
 
 
 # -----------------------------------------------------------------------------
 # the train step
+
 
 def _apply_interleaved(model, ids, key, dropout: bool, pairs_sharding, devices):
     """Rewards (2b, T), chosen rows then rejected, of rows `ids` (2b, T) in that order. The model
@@ -104,7 +113,9 @@ def _make_objective(model_config: ModelConfig, tc: TrainConfig, mesh):
 
     def objective(params, rows, key, denominators):
         model = nnx.merge(graphdef, params)
-        rewards = _apply_interleaved(model, rows["input_ids"], key, model_config.has_dropout, pairs_sharding, devices)
+        rewards = _apply_interleaved(
+            model, rows["input_ids"], key, model_config.has_dropout, pairs_sharding, devices
+        )
         out = pairwise_loss(rewards, rows["input_ids"], model_config.pad_id, **_loss_options(tc, rows))
         return reduce_loss(out.per_pair_loss, out.centered, *denominators, tc.center_rewards_coef), out
 
@@ -140,8 +151,12 @@ def _update_if_finite(state: TrainState, grads, loss, tc: TrainConfig):
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                           opt_state=keep(opt_state, state.opt_state), rng=state.rng)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        rng=state.rng,
+    )
     return new_state, grad_norm, finite
 
 
@@ -169,11 +184,17 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh=N
         lengths = _loss_options(tc, rows)["lengths"]
         identical = identical_pairs(rows["input_ids"], model_config.pad_id, lengths)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        loss, out, grads = _gradients(grad_fn, state.params, batch, key,
-                                      loss_denominators(identical, tc.normalize_by), k)
+        loss, out, grads = _gradients(
+            grad_fn, state.params, batch, key, loss_denominators(identical, tc.normalize_by), k
+        )
         new_state, grad_norm, finite = _update_if_finite(state, grads, loss, tc)
-        lr = learning_rate(state.step, peak=tc.learning_rate, min_lr=tc.min_lr,
-                           warmup_steps=tc.warmup_steps, decay_steps=tc.decay_steps)
+        lr = learning_rate(
+            state.step,
+            peak=tc.learning_rate,
+            min_lr=tc.min_lr,
+            warmup_steps=tc.warmup_steps,
+            decay_steps=tc.decay_steps,
+        )
         stats = pair_metrics(out.chosen_end_scores, out.rejected_end_scores, out.identical, loss)
         return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite, **stats}
 
@@ -181,12 +202,17 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh=N
         return _jit_step(train_step, tc)
     state_shardings = shd.state_shardings(abstract_train_state(model_config, tc), mesh)
     batch_shardings = shd.batch_shardings(mesh, lengths=tc.lengths == "explicit")
-    return _jit_step(train_step, tc, in_shardings=(state_shardings, batch_shardings),
-                     out_shardings=(state_shardings, NamedSharding(mesh, P())))
+    return _jit_step(
+        train_step,
+        tc,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, NamedSharding(mesh, P())),
+    )
 
 
 # -----------------------------------------------------------------------------
 # compiling it, with TrainConfig.debug_checks
+
 
 def _jit_step(train_step, tc: TrainConfig, **shardings):
     """jit(train_step) with the state donated; with tc.debug_checks, a host-side wrapper around it
@@ -211,6 +237,7 @@ def _debug_nans_step(step):
                 return step(state, batch)
         except (FloatingPointError, ValueError) as e:  # ValueError: the op-by-op re-run's input checks
             raise TrainingError(f"debug_checks=nans: step {number}: {type(e).__name__}: {e}") from None
+
     return debug_nans_step
 
 
@@ -229,11 +256,13 @@ def _checkified_step(train_step, shardings: dict):
             number = int(np.asarray(new_state.step.addressable_shards[0].data))
             raise TrainingError(f"debug_checks=checkify: step {number}: {str(e).strip()}") from None
         return new_state, metrics
+
     return checkified_step
 
 
 # -----------------------------------------------------------------------------
 # the eval step
+
 
 def make_eval_step(model_config: ModelConfig, train_config: TrainConfig):
     """jit(eval_step)(params, batch) -> per-pair (B,) arrays: "chosen" and "rejected" end scores,
@@ -245,9 +274,15 @@ def make_eval_step(model_config: ModelConfig, train_config: TrainConfig):
         _check_layout(batch, train_config)
         rows = pair_rows(batch)
         rewards = nnx.merge(graphdef, params)(rows["input_ids"], deterministic=True)
-        out = pairwise_loss(rewards, rows["input_ids"], model_config.pad_id,
-                            **_loss_options(train_config, rows))
-        return {"chosen": out.chosen_end_scores, "rejected": out.rejected_end_scores,
-                "identical": out.identical, "loss": out.per_pair_loss, "centered": out.centered}
+        out = pairwise_loss(
+            rewards, rows["input_ids"], model_config.pad_id, **_loss_options(train_config, rows)
+        )
+        return {
+            "chosen": out.chosen_end_scores,
+            "rejected": out.rejected_end_scores,
+            "identical": out.identical,
+            "loss": out.per_pair_loss,
+            "centered": out.centered,
+        }
 
     return jax.jit(eval_step)

@@ -23,7 +23,7 @@ GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 EOT_TEXT = "<|endoftext|>"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gpt2_encoding():
     import tiktoken
     import tiktoken.load
@@ -33,8 +33,9 @@ def _gpt2_encoding():
     if not GPT2_VOCAB_PATH.is_file():
         raise FileNotFoundError(f"GPT-2 vocabulary missing: {path} (regenerate with scripts/build_assets.py)")
     ranks = tiktoken.load.load_tiktoken_bpe(path, expected_hash=GPT2_VOCAB_SHA256)
-    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks,
-                             special_tokens={EOT_TEXT: 50256})
+    return tiktoken.Encoding(
+        name="gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks, special_tokens={EOT_TEXT: 50256}
+    )
 
 
 class GPT2Tokenizer:
@@ -87,8 +88,9 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise ValueError(f"{path}: reading a tokenizer.json needs the tokenizers package "
-                             f"(pip install tokenizers)") from None
+            raise ValueError(
+                f"{path}: reading a tokenizer.json needs the tokenizers package (pip install tokenizers)"
+            ) from None
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:
@@ -119,10 +121,12 @@ def first_out_of_range(ids, vocab_size: int) -> tuple[int, ...] | None:
 
 
 def get_tokenizer(name: str):
-    """"gpt2", "byte", or the path of a Hugging Face tokenizer.json."""
+    """ "gpt2", "byte", or the path of a Hugging Face tokenizer.json."""
     if name in TOKENIZERS:
         return TOKENIZERS[name]()
     if name.endswith(".json") or pathlib.Path(name).is_file():
         return HFTokenizer(name)
-    raise ValueError(f"unknown tokenizer {name!r}; valid choices: {', '.join(sorted(TOKENIZERS))}, "
-                     f"or the path of a tokenizer.json")
+    raise ValueError(
+        f"unknown tokenizer {name!r}; valid choices: {', '.join(sorted(TOKENIZERS))}, "
+        f"or the path of a tokenizer.json"
+    )

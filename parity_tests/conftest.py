@@ -1,12 +1,14 @@
 """Shared setup for jaxrm-vs-torchref parity: float32 and no TF32 in torch (JAX's highest matmul
 precision is set in the repository's conftest.py), the tiny GPT-2-shaped config, a batch covering
 the original's cases, and jaxrm's gradients under torch's parameter names."""
+
 import jax
 import numpy as np
 from flax import nnx
 
 try:
     import torch
+
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
@@ -38,7 +40,9 @@ def mixed_pair_batch(config: ModelConfig = TINY_GPT2, T: int = 16, seed: int = 0
     prompt = text(6)
     pairs = []
     pairs.append((np.concatenate([prompt[:4], text(T - 4)]), np.concatenate([prompt[:4], text(T - 4)])))
-    pairs.append((padded(np.concatenate([prompt[:5], text(5)])), padded(np.concatenate([prompt[:5], text(9)]))))
+    pairs.append(
+        (padded(np.concatenate([prompt[:5], text(5)])), padded(np.concatenate([prompt[:5], text(9)])))
+    )
     same = padded(np.concatenate([prompt, text(4)]))
     pairs.append((same, same.copy()))
     pairs.append((padded(np.concatenate([prompt, text(7)])), padded(np.concatenate([prompt, text(3)]))))

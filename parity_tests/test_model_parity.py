@@ -1,4 +1,5 @@
 """jaxrm and torchref on one set of weights: rewards, end scores, loss, gradients."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -47,7 +48,9 @@ def test_end_scores_and_loss_match_original(jax_device):
     assert identical.tolist() == [False, False, True, False, False, False, True]
     np.testing.assert_allclose(np.asarray(out.chosen_end_scores), [s.item() for s in c_scores], atol=1e-5)
     # the original appends a rejected score only for non-identical pairs
-    np.testing.assert_allclose(np.asarray(out.rejected_end_scores)[~identical], [s.item() for s in r_scores], atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out.rejected_end_scores)[~identical], [s.item() for s in r_scores], atol=1e-5
+    )
     np.testing.assert_allclose(float(out.loss), loss.item(), rtol=1e-5, atol=1e-6)
 
 
@@ -58,8 +61,11 @@ def test_end_scores_match_without_return_loss(jax_device):
     out = pairwise_loss(jm(jnp.asarray(ids)), jnp.asarray(ids), TINY_GPT2.pad_id, return_loss=False)
     assert loss == 0 and float(out.loss) == 0.0
     np.testing.assert_allclose(np.asarray(out.chosen_end_scores), [s.item() for s in c_scores], atol=1e-5)
-    np.testing.assert_allclose(np.asarray(out.rejected_end_scores)[~np.asarray(out.identical)],
-                               [s.item() for s in r_scores], atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out.rejected_end_scores)[~np.asarray(out.identical)],
+        [s.item() for s in r_scores],
+        atol=1e-5,
+    )
 
 
 def test_gradients_match(jax_device):

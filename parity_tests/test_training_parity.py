@@ -1,5 +1,6 @@
 """20 AdamW steps with warmup, cosine decay and clipping: jaxrm's train_step vs torchref's
 configure_optimizers driven the nanoGPT way, from the same weights on the same batches."""
+
 import dataclasses
 
 import numpy as np
@@ -17,8 +18,17 @@ torch = pytest.importorskip("torch")
 import torchref  # noqa: E402
 
 CONFIG = TINY_GPT2.replace(embed_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, dropout=0.0)
-TRAIN = TrainConfig(batch_size=7, max_steps=20, learning_rate=3e-3, min_lr=3e-4, warmup_steps=5,
-                    weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=0.5)
+TRAIN = TrainConfig(
+    batch_size=7,
+    max_steps=20,
+    learning_rate=3e-3,
+    min_lr=3e-4,
+    warmup_steps=5,
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.95,
+    grad_clip=0.5,
+)
 STEPS = 20
 
 
@@ -27,11 +37,20 @@ def batches():
 
 
 def torch_trajectory(model, data):
-    optimizer = model.configure_optimizers(TRAIN.weight_decay, TRAIN.learning_rate, (TRAIN.beta1, TRAIN.beta2), "cpu")
+    optimizer = model.configure_optimizers(
+        TRAIN.weight_decay, TRAIN.learning_rate, (TRAIN.beta1, TRAIN.beta2), "cpu"
+    )
     losses = []
     for step, ids in enumerate(data):
-        lr = float(learning_rate(step, peak=TRAIN.learning_rate, min_lr=TRAIN.min_lr,
-                                 warmup_steps=TRAIN.warmup_steps, decay_steps=TRAIN.decay_steps))
+        lr = float(
+            learning_rate(
+                step,
+                peak=TRAIN.learning_rate,
+                min_lr=TRAIN.min_lr,
+                warmup_steps=TRAIN.warmup_steps,
+                decay_steps=TRAIN.decay_steps,
+            )
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr
         _, _, loss = model(torch.from_numpy(ids), None, None, return_loss=True)
@@ -65,9 +84,18 @@ def test_twenty_adamw_steps_match_torchref():
     assert max(norms) > TRAIN.grad_clip  # clipping really happened
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-4)
     assert torch_losses[-1] < torch_losses[0] - 0.05  # it learned something
-    lr_sum = sum(float(learning_rate(s, peak=TRAIN.learning_rate, min_lr=TRAIN.min_lr,
-                                     warmup_steps=TRAIN.warmup_steps, decay_steps=TRAIN.decay_steps))
-                 for s in range(STEPS))
+    lr_sum = sum(
+        float(
+            learning_rate(
+                s,
+                peak=TRAIN.learning_rate,
+                min_lr=TRAIN.min_lr,
+                warmup_steps=TRAIN.warmup_steps,
+                decay_steps=TRAIN.decay_steps,
+            )
+        )
+        for s in range(STEPS)
+    )
     for name, p in tm.state_dict().items():
         expected, got = p.numpy(), jax_params[name]
         null = null_gradient_part(name)
@@ -116,6 +144,7 @@ def test_decay_groups_match_configure_optimizers(capsys):
     """The ndim >= 2 mask decays exactly the original's tensors; the printed counts are identical."""
     from jaxrm.optim import describe_decay
     from jaxrm.state import split_model
+
     torch.manual_seed(2)
     tm = torchref.RewardModel(**CONFIG.torch_kwargs())
     tm.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")

@@ -61,8 +61,21 @@ def sdist(spec, sdist_dir):
     pat = f"{name.replace('-', '_')}-{version}.tar.gz"
     found = [p for p in sdist_dir.iterdir() if p.name.lower() == pat.lower()]
     if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        f"{name}=={version}", "-d", str(sdist_dir)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"{name}=={version}",
+                "-d",
+                str(sdist_dir),
+            ],
+            check=True,
+        )
         found = [p for p in sdist_dir.iterdir() if p.name.lower() == pat.lower()]
     path = found[0]
     got = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -88,11 +101,15 @@ def read_sentences(vader_sdist):
                 if not line.strip():
                     continue
                 sid, rating, text = line.split("\t", 2)
-                rows.append({"text": " ".join(text.split()), "rating": float(rating), "source": source, "id": sid})
+                rows.append(
+                    {"text": " ".join(text.split()), "rating": float(rating), "source": source, "id": sid}
+                )
     by_text = {}  # same text twice (84 times within a corpus, a few across): one sentence, mean rating
     for r in rows:
         by_text.setdefault(r["text"], []).append(r)
-    sentences = [dict(group[0], rating=float(np.mean([g["rating"] for g in group]))) for group in by_text.values()]
+    sentences = [
+        dict(group[0], rating=float(np.mean([g["rating"] for g in group]))) for group in by_text.values()
+    ]
     return sentences, len(rows)
 
 
@@ -117,15 +134,24 @@ def make_pairs(sents, rng):
             if key not in seen:
                 seen.add(key)
                 top, bottom = sents[key[1]], sents[key[0]]  # sorted by rating: the larger index is chosen
-                pairs.append({"prompt": PROMPT, "chosen": " " + top["text"], "rejected": " " + bottom["text"],
-                              "margin": round(top["rating"] - bottom["rating"], 4)})
+                pairs.append(
+                    {
+                        "prompt": PROMPT,
+                        "chosen": " " + top["text"],
+                        "rejected": " " + bottom["text"],
+                        "margin": round(top["rating"] - bottom["rating"], 4),
+                    }
+                )
                 break
     return pairs
 
 
 def write_jsonl_gz(path, records):
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as f:
+    with (
+        open(path, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as f,
+    ):
         for r in records:
             f.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
 
@@ -192,20 +218,30 @@ def main():
         lens = [s["gpt2_len"] for s in split_sents[name]]
         blens = [s["byte_len"] for s in split_sents[name]]
         margins = [p["margin"] for p in pairs]
-        rows.append(f"| {name} | {len(split_sents[name])} | {len(pairs)} | "
-                    + " / ".join(f"{per_source[s][1]}" for s in SOURCES)
-                    + f" | {pct(lens)} | {pct(blens)} | {np.median(margins):.2f} |")
+        rows.append(
+            f"| {name} | {len(split_sents[name])} | {len(pairs)} | "
+            + " / ".join(f"{per_source[s][1]}" for s in SOURCES)
+            + f" | {pct(lens)} | {pct(blens)} | {np.median(margins):.2f} |"
+        )
         print(rows[-1])
 
     texts = {k: {s["text"] for s in v} for k, v in split_sents.items()}
-    assert not (texts["train"] & texts["validation"] or texts["train"] & texts["test"] or texts["validation"] & texts["test"])
+    assert not (
+        texts["train"] & texts["validation"]
+        or texts["train"] & texts["test"]
+        or texts["validation"] & texts["test"]
+    )
     all_lens = [s["gpt2_len"] for s in sentences]
     per_source_counts = ", ".join(f"{s}: {sum(x['source'] == s for x in sentences)}" for s in SOURCES)
-    sizes = "\n".join(f"| `{p.relative_to(ASSETS)}` | {p.stat().st_size:,} |" for p in sorted(ASSETS.rglob("*"))
-                      if p.is_file() and p.name != "README.md")
+    sizes = "\n".join(
+        f"| `{p.relative_to(ASSETS)}` | {p.stat().st_size:,} |"
+        for p in sorted(ASSETS.rglob("*"))
+        if p.is_file() and p.name != "README.md"
+    )
     n_too_long, n_kept, rows_md, all_pct = len(too_long), len(sentences), "\n".join(rows), pct(all_lens)
     (ASSETS / "README.md").write_text(README.format_map({**globals(), **locals()}))
-    print(f"sentences: {n_rows} rows, {n_dedup} unique, {len(too_long)} over {MAX_TOKENS} tokens, {len(sentences)} kept")
+    over = f"{len(too_long)} over {MAX_TOKENS} tokens"
+    print(f"sentences: {n_rows} rows, {n_dedup} unique, {over}, {len(sentences)} kept")
 
 
 README = """\

@@ -7,6 +7,7 @@ The process renames the file to POINT.STEP.paused and sleeps. The pauses are pat
 outside jaxrm; started with `-m` from the repository root, the process imports what `python -m
 jaxrm.cli` would, and `cli.main(argv)` runs the same command (tests set JAXRM_NO_TCMALLOC=1 anyway).
 """
+
 import pathlib
 import sys
 import time

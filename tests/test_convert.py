@@ -1,4 +1,5 @@
 """jaxrm.convert: strict key and shape checks, exact round trips (no torch needed)."""
+
 import numpy as np
 import pytest
 from flax import nnx

@@ -31,10 +31,13 @@ def pair_id(row):  # "P: c<ddd>": the 3 digits after " c" / " r" in a byte-encod
 
 # ----------------------------------------------------------------------------- load_pairs
 
+
 def test_load_plain_and_gz(tmp_path):
-    lines = [json.dumps({"prompt": "Q:", "chosen": " yes", "rejected": " no", "margin": 2}),
-             "",  # blank lines are skipped
-             json.dumps({"chosen": "a", "rejected": "b"})]
+    lines = [
+        json.dumps({"prompt": "Q:", "chosen": " yes", "rejected": " no", "margin": 2}),
+        "",  # blank lines are skipped
+        json.dumps({"chosen": "a", "rejected": "b"}),
+    ]
     plain = write_lines(tmp_path / "p.jsonl", lines)
     gz = tmp_path / "p.jsonl.gz"
     gz.write_bytes(gzip.compress(plain.read_bytes()))
@@ -52,20 +55,28 @@ def test_malformed_json_names_file_and_line(tmp_path):
 
 
 def test_missing_key_lists_keys_found(tmp_path):
-    path = write_lines(tmp_path / "d.jsonl", [json.dumps({"chosen": "a", "rejected": "b"}),
-                                              json.dumps({"prompt": "p", "chosen": "a", "rejectd": "b"})])
+    path = write_lines(
+        tmp_path / "d.jsonl",
+        [
+            json.dumps({"chosen": "a", "rejected": "b"}),
+            json.dumps({"prompt": "p", "chosen": "a", "rejectd": "b"}),
+        ],
+    )
     with pytest.raises(DataError) as e:
         load_pairs(path)
     msg = str(e.value)
     assert "d.jsonl:2" in msg and "'rejected'" in msg and "'rejectd'" in msg and "'prompt'" in msg
 
 
-@pytest.mark.parametrize("obj, match", [
-    ({"chosen": 1, "rejected": "b"}, "'chosen' must be a string"),
-    ({"chosen": "a", "rejected": "b", "prompt": None}, "'prompt' must be a string"),
-    ({"chosen": "a", "rejected": "b", "margin": "big"}, "'margin' must be a finite number"),
-    ([1, 2], "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "obj, match",
+    [
+        ({"chosen": 1, "rejected": "b"}, "'chosen' must be a string"),
+        ({"chosen": "a", "rejected": "b", "prompt": None}, "'prompt' must be a string"),
+        ({"chosen": "a", "rejected": "b", "margin": "big"}, "'margin' must be a finite number"),
+        ([1, 2], "expected a JSON object"),
+    ],
+)
 def test_bad_values_name_line(tmp_path, obj, match):
     path = write_lines(tmp_path / "v.jsonl", [json.dumps({"chosen": "a", "rejected": "b"}), json.dumps(obj)])
     with pytest.raises(DataError, match=r"v\.jsonl:2: " + match):
@@ -82,11 +93,20 @@ def test_missing_and_empty_files(tmp_path):
 
 # ----------------------------------------------------------------------------- encode_pairs
 
+
 def test_encode_shapes_padding_and_stats():
-    pairs = make_pairs(3) + [PreferencePair("P:", " same", " same"),  # identical -> dropped
-                             PreferencePair("P:", " far too long for twelve", " x")]  # too long -> dropped
+    pairs = make_pairs(3) + [
+        PreferencePair("P:", " same", " same"),  # identical -> dropped
+        PreferencePair("P:", " far too long for twelve", " x"),
+    ]  # too long -> dropped
     data, stats = encode_bytes(pairs)
-    assert stats == {"pairs_in": 5, "pairs_kept": 3, "dropped_too_long": 1, "dropped_identical": 1, "max_len": 7}
+    assert stats == {
+        "pairs_in": 5,
+        "pairs_kept": 3,
+        "dropped_too_long": 1,
+        "dropped_identical": 1,
+        "max_len": 7,
+    }
     assert len(data) == 3 and data.chosen_ids.shape == (3, 12) and data.chosen_ids.dtype == np.int32
     assert list(data.chosen_ids[1]) == list(b"P: c001") + [256] * 5
     assert list(data.rejected_ids[2, :7]) == list(b"P: r002")
@@ -97,7 +117,9 @@ def test_encode_shapes_padding_and_stats():
 def test_encode_too_long_error_names_line():
     pairs = [PreferencePair("", "ok", "no"), PreferencePair("", "x" * 20, "y", line=7)]
     with pytest.raises(DataError, match=r"f\.jsonl:7 \(pair 1\): 20 tokens > seq_len 12"):
-        encode_pairs(pairs, BYTE, seq_len=12, pad_id=256, vocab_size=257, truncation="error", source="f.jsonl")
+        encode_pairs(
+            pairs, BYTE, seq_len=12, pad_id=256, vocab_size=257, truncation="error", source="f.jsonl"
+        )
 
 
 def test_pad_inside_text_rejected():
@@ -107,14 +129,21 @@ def test_pad_inside_text_rejected():
 
 
 def test_gpt2_endoftext_text_is_not_pad():
-    data, stats = encode_pairs([PreferencePair("Q:", " a <|endoftext|>", " b")], GPT2Tokenizer(),
-                               seq_len=16, pad_id=50256, vocab_size=50257)
-    assert stats["pairs_kept"] == 1 and 50256 not in data.chosen_ids[0, :data.chosen_lengths[0]]
+    data, stats = encode_pairs(
+        [PreferencePair("Q:", " a <|endoftext|>", " b")],
+        GPT2Tokenizer(),
+        seq_len=16,
+        pad_id=50256,
+        vocab_size=50257,
+    )
+    assert stats["pairs_kept"] == 1 and 50256 not in data.chosen_ids[0, : data.chosen_lengths[0]]
 
 
 def test_out_of_vocab_and_empty_rejected():
     with pytest.raises(DataError, match=r"pair 0: chosen has token id \d+ outside \[0, 257\)"):
-        encode_pairs([PreferencePair("", " the end", " b")], GPT2Tokenizer(), seq_len=8, pad_id=256, vocab_size=257)
+        encode_pairs(
+            [PreferencePair("", " the end", " b")], GPT2Tokenizer(), seq_len=8, pad_id=256, vocab_size=257
+        )
     with pytest.raises(DataError, match="pair 1: prompt \\+ chosen encodes to zero tokens"):
         encode_bytes(make_pairs(1) + [PreferencePair("", "", "b")])
     with pytest.raises(DataError, match="no pairs left after filtering"):
@@ -122,6 +151,7 @@ def test_out_of_vocab_and_empty_rejected():
 
 
 # ----------------------------------------------------------------------------- batches
+
 
 @pytest.fixture(scope="module")
 def data10():
@@ -133,7 +163,9 @@ def test_batch_layout_chosen_then_rejected(data10):
     batch = next(BatchIterator(data10, 4, seed=0))
     ids = batch["input_ids"]
     assert ids.shape == (8, 12) and ids.dtype == np.int32 and batch["lengths"].shape == (8,)
-    assert all(bytes(row[2:4].tolist()) == b" c" for row in ids[:4]) and all(bytes(row[2:4].tolist()) == b" r" for row in ids[4:])
+    assert all(bytes(row[2:4].tolist()) == b" c" for row in ids[:4]) and all(
+        bytes(row[2:4].tolist()) == b" r" for row in ids[4:]
+    )
     chosen, rejected = [pair_id(r) for r in ids[:4]], [pair_id(r) for r in ids[4:]]
     assert chosen == rejected  # row i and row B+i are the same pair
     assert batch["margins"].tolist() == [float(i) for i in chosen]
@@ -141,10 +173,12 @@ def test_batch_layout_chosen_then_rejected(data10):
 
 def test_batch_order_is_the_documented_permutation(data10):
     it = BatchIterator(data10, 3, seed=5)
-    seen = [[pair_id(r) for r in next(it)["input_ids"][:3]] for _ in range(6)]  # 3 batches per epoch, 2 epochs
+    seen = [
+        [pair_id(r) for r in next(it)["input_ids"][:3]] for _ in range(6)
+    ]  # 3 batches per epoch, 2 epochs
     for e in range(2):
         perm = np.random.default_rng([5, e]).permutation(10)
-        assert sum(seen[3 * e:3 * e + 3], []) == perm[:9].tolist()  # drop_last: the 10th pair is skipped
+        assert sum(seen[3 * e : 3 * e + 3], []) == perm[:9].tolist()  # drop_last: the 10th pair is skipped
     assert it.state() == {"epoch": 1, "index": 9}
     assert seen[:3] != [[pair_id(r) for r in next(BatchIterator(data10, 3, seed=6))["input_ids"][:3]]] * 3
 
@@ -186,6 +220,7 @@ def test_eval_batches_cover_every_pair_once(data10):
 
 # ----------------------------------------------------------------------------- bundled data
 
+
 def test_bundled_splits_load_and_are_disjoint():
     with pytest.raises(ValueError, match="train, validation, test"):
         bundled_data_path("dev")
@@ -193,7 +228,9 @@ def test_bundled_splits_load_and_are_disjoint():
     for split in ("train", "validation", "test"):
         pairs = load_pairs(bundled_data_path(split))
         assert len(pairs) > (20000 if split == "train" else 2000)
-        assert all(p.prompt == "Sentence:" and p.chosen.startswith(" ") and p.rejected.startswith(" ") for p in pairs)
+        assert all(
+            p.prompt == "Sentence:" and p.chosen.startswith(" ") and p.rejected.startswith(" ") for p in pairs
+        )
         assert all(p.chosen != p.rejected and p.margin >= 1.0 for p in pairs)
         assert not any("<|endoftext|>" in p.chosen + p.rejected for p in pairs)
         texts[split] = {p.chosen for p in pairs} | {p.rejected for p in pairs}
@@ -211,8 +248,10 @@ def test_bundled_validation_fits_100_gpt2_tokens():
 
 def varied_lengths(n=96, seed=0):
     rng = np.random.default_rng(seed)
-    pairs = [PreferencePair("P:", " " + "a" * int(rng.integers(1, 40)), " " + "b" * int(rng.integers(1, 40)))
-             for _ in range(n)]
+    pairs = [
+        PreferencePair("P:", " " + "a" * int(rng.integers(1, 40)), " " + "b" * int(rng.integers(1, 40)))
+        for _ in range(n)
+    ]
     return encode_pairs(pairs, ByteTokenizer(), seq_len=48, pad_id=256, vocab_size=257)[0]
 
 
@@ -223,7 +262,7 @@ def test_group_by_length_visits_every_pair_once_with_similar_lengths():
     plain = BatchIterator(data, 8, seed=3)
     assert sorted(grouped.order(0).tolist()) == list(range(len(data)))
     assert grouped.order(0).tolist() != grouped.order(1).tolist()
-    spread = lambda it: np.mean([np.ptp(longest[it.order(0)[i:i + 8]]) for i in range(0, len(data), 8)])
+    spread = lambda it: np.mean([np.ptp(longest[it.order(0)[i : i + 8]]) for i in range(0, len(data), 8)])
     assert spread(grouped) < 0.5 * spread(plain)
 
 

@@ -2,6 +2,7 @@
 division checks) or jax_debug_nans. A normal step is unchanged; a batch with an out-of-range token
 id (which the model otherwise turns into NaN under jit) stops with a TrainingError naming the step
 and the fault."""
+
 import jax
 import numpy as np
 import pytest
@@ -51,8 +52,11 @@ def test_debug_checks_leave_a_normal_step_unchanged_and_name_the_faulty_step(mod
     # rounding in near-zero gradients into updates of up to ~lr, hence atol on the parameters
     _, plain_losses, plain_params = plain_run
     np.testing.assert_allclose(losses, plain_losses, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=3e-5),
-                 jax.tree.map(np.asarray, state.params), plain_params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=3e-5),
+        jax.tree.map(np.asarray, state.params),
+        plain_params,
+    )
 
     with pytest.raises(TrainingError) as error:
         step(state, batch(out_of_range=True))
@@ -60,7 +64,7 @@ def test_debug_checks_leave_a_normal_step_unchanged_and_name_the_faulty_step(mod
     assert f"debug_checks={mode}: step 3:" in message
     if mode == "checkify":  # the out-of-range gather into the (257, 32) token embedding
         assert "out-of-bounds" in message and "index 262" in message and "257" in message
-    else:                   # jax_debug_nans: the NaN, then the op-by-op re-run names the id or the op
+    else:  # jax_debug_nans: the NaN, then the op-by-op re-run names the id or the op
         assert "262" in message or "nan" in message.lower()
 
 

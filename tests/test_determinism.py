@@ -1,6 +1,7 @@
 """Determinism (issue 7): the same seed gives bit-identical parameters on CPU, with dropout on, in
 the same process and in another one started by the CLI; `--deterministic` puts the XLA settings
 that make GPU ops deterministic into XLA_FLAGS before JAX starts its backend."""
+
 import json
 import os
 import subprocess
@@ -15,16 +16,29 @@ from jaxrm.config import RunConfig, TrainConfig, run_preset
 from jaxrm.loop import fit
 from tests.conftest import weights, write_pairs
 
-TRAIN = dict(tokenizer="byte", seq_len=32, batch_size=4, max_steps=3, warmup_steps=1, lr_decay_steps=3,
-             learning_rate=3e-3, min_lr=3e-4, checkpoint_every=3, eval_every=3, eval_pairs=16, log_every=100)
+TRAIN = dict(
+    tokenizer="byte",
+    seq_len=32,
+    batch_size=4,
+    max_steps=3,
+    warmup_steps=1,
+    lr_decay_steps=3,
+    learning_rate=3e-3,
+    min_lr=3e-4,
+    checkpoint_every=3,
+    eval_every=3,
+    eval_pairs=16,
+    log_every=100,
+)
 FLAGS = runtime.DETERMINISTIC_XLA_FLAGS
 
 
 def tiny_run(data: str, **train) -> RunConfig:
     """The tiny preset (dropout 0.1 everywhere) on a small byte-level file, a few steps."""
     base = run_preset("tiny")
-    run = RunConfig(base.model, TrainConfig(**{**base.train.__dict__, **TRAIN, "data": data, "eval_data": data,
-                                               **train}))
+    run = RunConfig(
+        base.model, TrainConfig(**{**base.train.__dict__, **TRAIN, "data": data, "eval_data": data, **train})
+    )
     assert min(run.model.embed_pdrop, run.model.attn_pdrop, run.model.resid_pdrop, run.model.dropout) > 0
     return run
 
@@ -63,9 +77,26 @@ def test_cli_deterministic_flag_sets_xla_flags_before_jax_starts_and_matches(fir
     out = root / "cli"
     overrides = [f"--{k}={v}" for k, v in TRAIN.items()] + [f"--eval_data={data}"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "-m", "jaxrm.cli", "train", "--preset", "tiny", "--out", str(out),
-                           "--data", data, "--deterministic", *overrides],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxrm.cli",
+            "train",
+            "--preset",
+            "tiny",
+            "--out",
+            str(out),
+            "--data",
+            data,
+            "--deterministic",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = [line for line in proc.stderr.splitlines() if line.startswith("deterministic: XLA_FLAGS=")]
     assert said and all(flag in said[0] for flag in FLAGS) and "too late" not in said[0], proc.stderr[-3000:]
@@ -91,6 +122,7 @@ def test_use_deterministic_ops_appends_once_and_replaces_other_values():
 
 def test_use_deterministic_ops_warns_once_the_backend_has_started():
     import jax
+
     jax.devices()  # make sure this process's backend is up
     assert runtime.backend_initialized()
     env = {}
@@ -100,11 +132,14 @@ def test_use_deterministic_ops_warns_once_the_backend_has_started():
 
 
 def test_use_deterministic_ops_before_jax_starts_warns_nothing():
-    """In a fresh process: set before the backend starts, then JAX runs with the flags (XLA accepts them on CPU)."""
-    code = ("import warnings, jax, jax.numpy as jnp; warnings.simplefilter('error');"
-            "from jaxrm import runtime; assert not runtime.backend_initialized();"
-            "assert runtime.use_deterministic_ops() is True; import os;"
-            "print(float(jax.jit(lambda x: (x * x).sum())(jnp.arange(4.0)))); print(os.environ['XLA_FLAGS'])")
+    """In a fresh process: set before the backend starts, then JAX runs with the flags (XLA accepts
+    them on CPU)."""
+    code = (
+        "import warnings, jax, jax.numpy as jnp; warnings.simplefilter('error');"
+        "from jaxrm import runtime; assert not runtime.backend_initialized();"
+        "assert runtime.use_deterministic_ops() is True; import os;"
+        "print(float(jax.jit(lambda x: (x * x).sum())(jnp.arange(4.0)))); print(os.environ['XLA_FLAGS'])"
+    )
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

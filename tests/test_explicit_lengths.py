@@ -1,6 +1,7 @@
 """TrainConfig.lengths="explicit": sequence ends from each row's true length, so an end-of-text id
 (= GPT-2's PAD 50256) inside a prompt does not cut the sequence. The default ("first_pad", the
 original) is unchanged: the first PAD ends a sequence and a PAD inside a text is refused."""
+
 import dataclasses
 import json
 import os
@@ -28,8 +29,18 @@ from tests.conftest import write_pairs
 
 GPT2 = GPT2Tokenizer()
 EOT = GPT2.eot_id  # 50256 = the PAD id of a vocab_size=50257 model
-MODEL = ModelConfig(vocab_size=50257, d_model=32, block_size=32, num_heads=4, dff=64, num_layer=1,
-                    embed_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, dropout=0.0)
+MODEL = ModelConfig(
+    vocab_size=50257,
+    d_model=32,
+    block_size=32,
+    num_heads=4,
+    dff=64,
+    num_layer=1,
+    embed_pdrop=0.0,
+    attn_pdrop=0.0,
+    resid_pdrop=0.0,
+    dropout=0.0,
+)
 EXPLICIT = TrainConfig(batch_size=4, max_steps=4, warmup_steps=1, learning_rate=3e-3, lengths="explicit")
 
 
@@ -38,10 +49,17 @@ def gpt2_rows(n=8):
     (as data tokenized with the HF GPT-2 tokenizer has); answers of different lengths."""
     rows = []
     for i in range(n):
-        prompt = (GPT2.encode(f"Document {i}: the day was {'sunny' if i % 2 else 'grey'}.") + [EOT]
-                  + GPT2.encode(" Question: was it nice? Answer:"))
-        rows.append({"input_ids_chosen": prompt + GPT2.encode(" yes" * (1 + i % 3)),
-                     "input_ids_rejected": prompt + GPT2.encode(" no" * (1 + i % 2))})
+        prompt = (
+            GPT2.encode(f"Document {i}: the day was {'sunny' if i % 2 else 'grey'}.")
+            + [EOT]
+            + GPT2.encode(" Question: was it nice? Answer:")
+        )
+        rows.append(
+            {
+                "input_ids_chosen": prompt + GPT2.encode(" yes" * (1 + i % 3)),
+                "input_ids_rejected": prompt + GPT2.encode(" no" * (1 + i % 2)),
+            }
+        )
     return rows
 
 
@@ -53,8 +71,14 @@ def gpt2_file(tmp_path_factory):
 
 
 def encode(path, lengths="explicit"):
-    return encode_pairs(load_pairs(path), GPT2, seq_len=MODEL.block_size, pad_id=MODEL.pad_id,
-                        vocab_size=MODEL.vocab_size, lengths=lengths)[0]
+    return encode_pairs(
+        load_pairs(path),
+        GPT2,
+        seq_len=MODEL.block_size,
+        pad_id=MODEL.pad_id,
+        vocab_size=MODEL.vocab_size,
+        lengths=lengths,
+    )[0]
 
 
 def fresh_model():
@@ -70,8 +94,11 @@ def model_and_params():
 
 def test_encode_keeps_endoftext_inside_the_prompt_only_with_explicit_lengths(gpt2_file):
     rows = gpt2_rows()
-    with pytest.raises(DataError, match=r"pair 0\): chosen contains the pad id 50256 at token \d+ inside the real "
-                                        r"text .*--lengths=explicit"):
+    with pytest.raises(
+        DataError,
+        match=r"pair 0\): chosen contains the pad id 50256 at token \d+ inside the real "
+        r"text .*--lengths=explicit",
+    ):
         encode(gpt2_file, lengths="first_pad")  # the default: refused, as before
     data = encode(gpt2_file)
     assert len(data) == len(rows)
@@ -84,8 +111,8 @@ def test_encode_keeps_endoftext_inside_the_prompt_only_with_explicit_lengths(gpt
 
 
 def true_end_scores(model, batch):
-    rewards = np.asarray(model(batch["input_ids"], deterministic=True))   # (2B, T)
-    return rewards[np.arange(len(rewards)), batch["lengths"] - 1]       # (2B,) at the true last token
+    rewards = np.asarray(model(batch["input_ids"], deterministic=True))  # (2B, T)
+    return rewards[np.arange(len(rewards)), batch["lengths"] - 1]  # (2B,) at the true last token
 
 
 def test_eval_end_scores_are_at_the_true_last_token(gpt2_file, model_and_params):
@@ -93,7 +120,9 @@ def test_eval_end_scores_are_at_the_true_last_token(gpt2_file, model_and_params)
     data = encode(gpt2_file)
     batch = next(eval_batches(data, 8))
     ends = true_end_scores(model, batch)
-    out = jax.device_get(make_eval_step(MODEL, EXPLICIT)(params, shd.shard_batch(batch, None, 8, lengths=True)))
+    out = jax.device_get(
+        make_eval_step(MODEL, EXPLICIT)(params, shd.shard_batch(batch, None, 8, lengths=True))
+    )
     np.testing.assert_allclose(out["chosen"], ends[:8], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(out["rejected"], ends[8:], rtol=1e-6, atol=1e-7)
     assert not out["identical"].any()
@@ -124,8 +153,9 @@ def test_train_step_loss_and_scores_use_the_lengths(gpt2_file, model_and_params)
     assert float(metrics["rejected_mean"]) == pytest.approx(float(ends[4:].mean()), rel=1e-5)
     assert float(metrics["loss"]) > 0.1  # the default would end every sequence inside the prompt: NaN
     with pytest.raises(ValueError, match='lengths="explicit" needs batches with "lengths"'):
-        make_train_step(MODEL, EXPLICIT)(init_train_state(MODEL, EXPLICIT, model=fresh_model()),
-                                         shd.shard_batch(batch, None, 4))
+        make_train_step(MODEL, EXPLICIT)(
+            init_train_state(MODEL, EXPLICIT, model=fresh_model()), shd.shard_batch(batch, None, 4)
+        )
 
 
 def test_default_mode_is_unchanged_when_no_pad_is_inside_a_text():
@@ -133,6 +163,7 @@ def test_default_mode_is_unchanged_when_no_pad_is_inside_a_text():
     import tempfile
 
     from jaxrm.tokenizer import ByteTokenizer
+
     with tempfile.TemporaryDirectory() as d:
         pairs = load_pairs(write_pairs(os.path.join(d, "p.jsonl")))
     data = encode_pairs(pairs, ByteTokenizer(), seq_len=32, pad_id=256, vocab_size=257)[0]
@@ -140,7 +171,11 @@ def test_default_mode_is_unchanged_when_no_pad_is_inside_a_text():
     results = {}
     for mode in ("first_pad", "explicit"):
         tc = TrainConfig(batch_size=8, max_steps=3, warmup_steps=1, learning_rate=3e-3, lengths=mode)
-        state, step, batches = init_train_state(model, tc, seed=0), make_train_step(model, tc), BatchIterator(data, 8, seed=0)
+        state, step, batches = (
+            init_train_state(model, tc, seed=0),
+            make_train_step(model, tc),
+            BatchIterator(data, 8, seed=0),
+        )
         losses = []
         for _ in range(3):
             batch = shd.shard_batch(next(batches), None, 8, lengths=mode == "explicit")
@@ -149,8 +184,11 @@ def test_default_mode_is_unchanged_when_no_pad_is_inside_a_text():
             losses.append(float(metrics["loss"]))
         results[mode] = losses, jax.device_get(state.params)
     np.testing.assert_allclose(results["explicit"][0], results["first_pad"][0], rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 results["explicit"][1], results["first_pad"][1])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        results["explicit"][1],
+        results["first_pad"][1],
+    )
 
 
 def test_grad_accumulation_with_lengths_equals_the_full_batch(gpt2_file, model_and_params):
@@ -164,7 +202,11 @@ def test_grad_accumulation_with_lengths_equals_the_full_batch(gpt2_file, model_a
     results = []
     for k in (1, 2):
         tc = dataclasses.replace(EXPLICIT, grad_accum_steps=k)
-        state, step, batches = init_train_state(MODEL, tc, model=fresh_model()), make_train_step(MODEL, tc), BatchIterator(data, 4, seed=0)
+        state, step, batches = (
+            init_train_state(MODEL, tc, model=fresh_model()),
+            make_train_step(MODEL, tc),
+            BatchIterator(data, 4, seed=0),
+        )
         losses, norms = [], []
         for _ in range(3):
             state, metrics = step(state, shd.shard_batch(next(batches), None, 4, lengths=True))
@@ -184,10 +226,12 @@ def assert_same_params(got, ref, rtol=1e-4):
         name = jax.tree_util.keystr(path)
         keep = np.ones(np.shape(b), bool)
         if "c_attn" in name and "bias" in name:
-            keep[MODEL.d_model:2 * MODEL.d_model] = False
+            keep[MODEL.d_model : 2 * MODEL.d_model] = False
         if "ln_f" in name and "bias" in name:
             continue
-        error = np.linalg.norm(np.asarray(a)[keep] - np.asarray(b)[keep]) / np.linalg.norm(np.asarray(b)[keep])
+        error = np.linalg.norm(np.asarray(a)[keep] - np.asarray(b)[keep]) / np.linalg.norm(
+            np.asarray(b)[keep]
+        )
         assert error <= rtol, (name, error)
 
 
@@ -208,9 +252,23 @@ def test_lengths_do_not_recompile_the_steps(gpt2_file, model_and_params):
 
 
 def test_cli_train_eval_lint_score_with_explicit_lengths(gpt2_file, tmp_path, capsys):
-    args = ["train", "--preset", "tiny", "--data", str(gpt2_file), "--d_model=32", "--dff=64", "--num_layer=1",
-            "--block_size=32", "--seq_len=32", "--max_steps=2", "--batch_size=4", "--eval_every=2",
-            "--checkpoint_every=2", f"--eval_data={gpt2_file}"]
+    args = [
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        str(gpt2_file),
+        "--d_model=32",
+        "--dff=64",
+        "--num_layer=1",
+        "--block_size=32",
+        "--seq_len=32",
+        "--max_steps=2",
+        "--batch_size=4",
+        "--eval_every=2",
+        "--checkpoint_every=2",
+        f"--eval_data={gpt2_file}",
+    ]
     assert cli.main(args + ["--out", str(tmp_path / "default")]) == 2  # the default refuses, naming the pair
     assert "contains the pad id 50256" in capsys.readouterr().err
     out = tmp_path / "run"
@@ -224,16 +282,23 @@ def test_cli_train_eval_lint_score_with_explicit_lengths(gpt2_file, tmp_path, ca
     assert json.loads(capsys.readouterr().out)["checks"]["pad_in_text"]["count"] == 8
     assert cli.main(["lint", str(gpt2_file), "--json", "--lengths", "explicit"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["errors"] == 0 and report["trainable_pairs"] == 8 and report["checks"]["pad_in_text"]["count"] == 8
+    assert (
+        report["errors"] == 0
+        and report["trainable_pairs"] == 8
+        and report["checks"]["pad_in_text"]["count"] == 8
+    )
     # scoring: a sequence with <|endoftext|> inside is scored at its last token
     from jaxrm.rundir import load_model
     from jaxrm.score import score_ids
+
     run, model = load_model(out)
     ids = gpt2_rows(1)[0]["input_ids_chosen"]
     [score] = score_ids(model, run, [ids])
     padded = np.full((1, 32), EOT, np.int32)
-    padded[0, :len(ids)] = ids
-    assert score == pytest.approx(float(np.asarray(model(padded, deterministic=True))[0, len(ids) - 1]), rel=1e-5)
+    padded[0, : len(ids)] = ids
+    assert score == pytest.approx(
+        float(np.asarray(model(padded, deterministic=True))[0, len(ids) - 1]), rel=1e-5
+    )
     default_run = RunConfig(run.model, dataclasses.replace(run.train, lengths="first_pad"))
     with pytest.raises(ValueError, match="reserves or lacks .*--lengths=explicit"):
         score_ids(model, default_run, [ids])
@@ -255,7 +320,8 @@ n, T = 16, 16
 chosen, rejected = np.full((n, T), 256, np.int32), np.full((n, T), 256, np.int32)
 lc, lr = rng.integers(8, T + 1, n).astype(np.int32), rng.integers(8, T + 1, n).astype(np.int32)
 for i in range(n):
-    prompt = np.concatenate([rng.integers(0, 256, 2), [256], rng.integers(0, 256, 2)])  # PAD inside the prompt
+    # PAD inside the prompt
+    prompt = np.concatenate([rng.integers(0, 256, 2), [256], rng.integers(0, 256, 2)])
     chosen[i, :lc[i]] = np.concatenate([prompt, rng.integers(0, 256, lc[i] - 5)])
     rejected[i, :lr[i]] = np.concatenate([prompt, rng.integers(0, 256, lr[i] - 5)])
 data = EncodedPairs(chosen, rejected, lc, lr, np.zeros(n, np.float32))
@@ -279,7 +345,9 @@ json.dump(result, sys.stdout)
 def test_sharded_step_takes_lengths():
     """data=2 x fsdp=4 on 8 forced CPU devices, explicit lengths, PAD inside prompts: the same losses."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert all(np.isfinite(result["one"])) and result["one"][0] > 0

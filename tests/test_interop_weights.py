@@ -1,6 +1,7 @@
 """Weights in and out: transformers GPT-2, nanoGPT ckpt.pt, torchref state_dicts, and a
 GPT2ForSequenceClassification export, checked against transformers itself (no download: every
 model is built randomly here and saved to tmp_path)."""
+
 import json
 import pickle
 import subprocess
@@ -24,8 +25,16 @@ ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu": "gelu"}  # HF name -> jaxrm name
 
 
 def hf_config(activation="gelu_new", **kw):
-    base = dict(vocab_size=VOCAB, n_positions=T, n_embd=32, n_layer=2, n_head=4, n_inner=48,
-                activation_function=activation, layer_norm_epsilon=1e-5)
+    base = dict(
+        vocab_size=VOCAB,
+        n_positions=T,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_inner=48,
+        activation_function=activation,
+        layer_norm_epsilon=1e-5,
+    )
     return transformers.GPT2Config(**{**base, **kw})
 
 
@@ -66,7 +75,9 @@ def test_wrong_activation_would_be_caught(tmp_path):
     """The check above is sharp enough to see tanh vs erf GELU."""
     hf, path = save_hf(tmp_path, activation="gelu_new")
     model = convert.from_hf_gpt2(path)
-    wrong = convert.from_torch_state_dict(model.config.replace(activation="gelu"), convert.to_torch_state_dict(model))
+    wrong = convert.from_torch_state_dict(
+        model.config.replace(activation="gelu"), convert.to_torch_state_dict(model)
+    )
     ids = random_ids()
     with torch.no_grad():
         theirs = hf(torch.from_numpy(ids).long()).last_hidden_state.numpy()
@@ -88,13 +99,16 @@ def test_lm_head_checkpoint_and_pytorch_model_bin(tmp_path):
     sd["transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, T, T))
     sd["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
     torch.save(sd, bin_dir / "pytorch_model.bin")
-    np.testing.assert_allclose(np.asarray(convert.from_hf_gpt2(bin_dir).hidden_states(ids)), theirs, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(convert.from_hf_gpt2(bin_dir).hidden_states(ids)), theirs, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("activation", ["gelu_tanh", "gelu"])
 def test_seq_cls_export_scores_match_transformers(tmp_path, activation):
-    config = ModelConfig(vocab_size=VOCAB, d_model=32, block_size=T, num_heads=4, dff=48, num_layer=2,
-                         activation=activation)
+    config = ModelConfig(
+        vocab_size=VOCAB, d_model=32, block_size=T, num_heads=4, dff=48, num_layer=2, activation=activation
+    )
     model = RewardModel(config, rngs=nnx.Rngs(3))
     out = convert.export_hf_sequence_classification(model, tmp_path / "seqcls")
     cfg = json.loads((out / "config.json").read_text())
@@ -133,8 +147,9 @@ def test_config_mismatches_say_what_to_change(tmp_path):
     np.testing.assert_allclose(np.asarray(small.hidden_states(ids)), theirs, atol=1e-5)
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "config.json").write_text(json.dumps({**json.loads((path / "config.json").read_text()),
-                                                 "activation_function": "relu"}))
+    (bad / "config.json").write_text(
+        json.dumps({**json.loads((path / "config.json").read_text()), "activation_function": "relu"})
+    )
     with pytest.raises(ConversionError, match="activation_function 'relu' is not supported"):
         convert.from_hf_gpt2(bad)
     empty = tmp_path / "noweights"
@@ -146,8 +161,18 @@ def test_config_mismatches_say_what_to_change(tmp_path):
 
 # ----------------------------------------------------------------------------- nanoGPT / torchref
 
-NANO_CONFIG = ModelConfig(vocab_size=VOCAB, d_model=32, block_size=T, num_heads=4, dff=128, num_layer=2,
-                          embed_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, dropout=0.0)
+NANO_CONFIG = ModelConfig(
+    vocab_size=VOCAB,
+    d_model=32,
+    block_size=T,
+    num_heads=4,
+    dff=128,
+    num_layer=2,
+    embed_pdrop=0.0,
+    attn_pdrop=0.0,
+    resid_pdrop=0.0,
+    dropout=0.0,
+)
 
 
 def nanogpt_ckpt(model, bias=True):
@@ -161,15 +186,23 @@ def nanogpt_ckpt(model, bias=True):
     for i in range(model.config.num_layer):
         state[f"_orig_mod.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, T, T))
     args = dict(n_layer=2, n_head=4, n_embd=32, block_size=T, bias=bias, vocab_size=VOCAB, dropout=0.0)
-    return {"model": state, "model_args": args, "iter_num": 100, "best_val_loss": torch.tensor(2.5),
-            "config": {"dataset": "shakespeare_char"}}
+    return {
+        "model": state,
+        "model_args": args,
+        "iter_num": 100,
+        "best_val_loss": torch.tensor(2.5),
+        "config": {"dataset": "shakespeare_char"},
+    }
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_nanogpt_ckpt(tmp_path, bias):
     model = RewardModel(NANO_CONFIG, rngs=nnx.Rngs(5))
     if not bias:  # a bias=False nanoGPT model computes what zero biases compute
-        sd = {k: (np.zeros_like(v) if k.endswith(".bias") else v) for k, v in convert.to_torch_state_dict(model).items()}
+        sd = {
+            k: (np.zeros_like(v) if k.endswith(".bias") else v)
+            for k, v in convert.to_torch_state_dict(model).items()
+        }
         model = convert.from_torch_state_dict(NANO_CONFIG, sd)
     torch.save(nanogpt_ckpt(model, bias), tmp_path / "ckpt.pt")
     loaded = convert.load_init_weights(tmp_path / "ckpt.pt")
@@ -180,6 +213,7 @@ def test_nanogpt_ckpt(tmp_path, bias):
 
 def test_torchref_state_dicts(tmp_path):
     from jaxrm.checkpoint import save_safetensors
+
     model = RewardModel(NANO_CONFIG, rngs=nnx.Rngs(6))
     sd = convert.to_torch_state_dict(model)
     save_safetensors(sd, tmp_path / "w.safetensors")
@@ -196,6 +230,7 @@ def test_torchref_state_dicts(tmp_path):
 
 # ----------------------------------------------------------------------------- pickles that run code
 
+
 class _Evil:
     def __init__(self, marker):
         self.marker = marker
@@ -206,7 +241,7 @@ class _Evil:
 
 def _evil_files(tmp_path, marker):
     raw = pickle.dumps({"model": _Evil(str(marker)), "model_args": {}}, protocol=2)
-    (tmp_path / "evil.pt").write_bytes(raw)                       # a plain pickle
+    (tmp_path / "evil.pt").write_bytes(raw)  # a plain pickle
     torch.save({"wte.weight": _Evil(str(marker))}, tmp_path / "evil_zip.pt")  # torch's zip format
     (tmp_path / "ckpt.pt").write_bytes(raw)
     hf_dir = tmp_path / "hf"
@@ -218,11 +253,14 @@ def _evil_files(tmp_path, marker):
 
 def test_pickles_that_run_code_are_refused_everywhere(tmp_path):
     from jaxrm.cli import main
+
     marker = tmp_path / "PWNED"
     hf_dir = _evil_files(tmp_path, marker)
     # the crafted file is real: a plain unpickle creates the marker (in a subprocess)
-    subprocess.run([sys.executable, "-c", f"import pickle; pickle.load(open({str(tmp_path / 'evil.pt')!r}, 'rb'))"],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-c", f"import pickle; pickle.load(open({str(tmp_path / 'evil.pt')!r}, 'rb'))"],
+        check=True,
+    )
     assert marker.exists()
     marker.unlink()
     loaders = [
@@ -236,8 +274,12 @@ def test_pickles_that_run_code_are_refused_everywhere(tmp_path):
         with pytest.raises(ConversionError, match="refused to load"):
             load()
         assert not marker.exists()
-    assert main(["train", "--preset", "tiny", "--init", str(tmp_path / "evil.pt"),
-                 "--out", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            ["train", "--preset", "tiny", "--init", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "run")]
+        )
+        == 2
+    )
     assert not marker.exists()
 
 
@@ -245,18 +287,49 @@ def test_cli_train_init_from_hf_and_convert_to_hf(tmp_path, capsys):
     """`jaxrm train --init HF_DIR` takes the checkpoint's architecture; `jaxrm convert --to
     hf-seq-cls` writes a directory transformers loads with the trained head."""
     from jaxrm.cli import main
+
     hf, path = save_hf(tmp_path, vocab_size=257, n_positions=32)
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Q{i}: ", "chosen": " yes good", "rejected": " no bad"}) + "\n"
-                            for i in range(8)))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Q{i}: ", "chosen": " yes good", "rejected": " no bad"}) + "\n"
+            for i in range(8)
+        )
+    )
     out = tmp_path / "run"
-    assert main(["train", "--preset", "tiny", "--data", str(data), "--init", str(path), "--out", str(out),
-                 "--tokenizer=byte", "--seq_len=32", "--max_steps=2", "--batch_size=4", "--dropout=0.0",
-                 "--eval_every=2", "--checkpoint_every=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--data",
+                str(data),
+                "--init",
+                str(path),
+                "--out",
+                str(out),
+                "--tokenizer=byte",
+                "--seq_len=32",
+                "--max_steps=2",
+                "--batch_size=4",
+                "--dropout=0.0",
+                "--eval_every=2",
+                "--checkpoint_every=2",
+            ]
+        )
+        == 0
+    )
     saved = json.loads((out / "config.json").read_text())["model"]
-    assert (saved["d_model"], saved["dff"], saved["activation"], saved["dropout"]) == (32, 48, "gelu_tanh", 0.0)
+    assert (saved["d_model"], saved["dff"], saved["activation"], saved["dropout"]) == (
+        32,
+        48,
+        "gelu_tanh",
+        0.0,
+    )
     assert main(["convert", str(out), str(tmp_path / "hfout"), "--to", "hf-seq-cls"]) == 0
     from jaxrm.rundir import load_model
+
     _, trained = load_model(out)
     seqcls = transformers.GPT2ForSequenceClassification.from_pretrained(tmp_path / "hfout").eval()
     ids = random_ids(7, B=2, length=10)

@@ -1,4 +1,5 @@
 """`jaxrm lint DATA`: counts and first offending rows for each check."""
+
 import json
 
 from jaxrm.cli import main
@@ -10,28 +11,51 @@ def write_jsonl(path, rows):
 
 
 ROWS = [
-    {"prompt": "P: ", "chosen": "a", "rejected": "b"},                          # 1 fine
-    {"prompt": "P: ", "chosen": "same", "rejected": "same"},                    # 2 identical
-    {"prompt": "P: ", "chosen": "long-x", "rejected": "long-y"},                # 3 same first 8 tokens, too long
-    {"prompt": "", "chosen": "x", "rejected": "y"},                             # 4 divergence at 0
-    {"prompt": "P: ", "chosen": "", "rejected": "b"},                           # 5 empty answer
-    {"input_ids_chosen": [80, 256, 2], "input_ids_rejected": [80, 3]},          # 6 end-of-text inside
-    {"input_ids_chosen": [80, 299], "input_ids_rejected": [80, 3]},             # 7 PAD (vocab 300 - 1) inside
-    {"input_ids_chosen": [80, 400], "input_ids_rejected": [80, 3]},             # 8 out of vocabulary
-    {"prompt": "P: ", "chosen": "a", "rejected": "b"},                          # 9 duplicate of 1
+    {"prompt": "P: ", "chosen": "a", "rejected": "b"},  # 1 fine
+    {"prompt": "P: ", "chosen": "same", "rejected": "same"},  # 2 identical
+    {"prompt": "P: ", "chosen": "long-x", "rejected": "long-y"},  # 3 same first 8 tokens, too long
+    {"prompt": "", "chosen": "x", "rejected": "y"},  # 4 divergence at 0
+    {"prompt": "P: ", "chosen": "", "rejected": "b"},  # 5 empty answer
+    {"input_ids_chosen": [80, 256, 2], "input_ids_rejected": [80, 3]},  # 6 end-of-text inside
+    {"input_ids_chosen": [80, 299], "input_ids_rejected": [80, 3]},  # 7 PAD (vocab 300 - 1) inside
+    {"input_ids_chosen": [80, 400], "input_ids_rejected": [80, 3]},  # 8 out of vocabulary
+    {"prompt": "P: ", "chosen": "a", "rejected": "b"},  # 9 duplicate of 1
 ]
 
 
 def test_lint_report_counts_and_first_rows(tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     other = write_jsonl(tmp_path / "test.jsonl", [{"prompt": "P: ", "chosen": "b", "rejected": "zz"}])
-    code = main(["lint", data, "--tokenizer", "byte", "--seq-len", "8", "--vocab-size", "300",
-                 "--against", other, "--json"])
+    code = main(
+        [
+            "lint",
+            data,
+            "--tokenizer",
+            "byte",
+            "--seq-len",
+            "8",
+            "--vocab-size",
+            "300",
+            "--against",
+            other,
+            "--json",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert code == 1  # PAD inside a text / out-of-vocabulary ids: training would refuse the data
-    expected = {"identical": [2], "identical_after_truncation": [3], "too_long": [3], "divergence_at_0": [4],
-                "empty_answer": [5], "eot_in_text": [6], "pad_in_text": [7], "out_of_vocab": [8],
-                "duplicate": [9], "empty_sequence": [], "in_other_file": [1, 5, 9]}
+    expected = {
+        "identical": [2],
+        "identical_after_truncation": [3],
+        "too_long": [3],
+        "divergence_at_0": [4],
+        "empty_answer": [5],
+        "eot_in_text": [6],
+        "pad_in_text": [7],
+        "out_of_vocab": [8],
+        "duplicate": [9],
+        "empty_sequence": [],
+        "in_other_file": [1, 5, 9],
+    }
     for name, rows in expected.items():
         check = report["checks"][name]
         assert check == {"count": len(rows), "first": [f"{data}:{r}" for r in rows]}, name
@@ -49,8 +73,22 @@ def test_lint_clean_file_prints_a_table(tmp_path, capsys):
 
 def test_lint_column_names(tmp_path, capsys):
     data = write_jsonl(tmp_path / "c.jsonl", [{"good": "P: a", "bad": "P: b"}])
-    assert main(["lint", data, "--tokenizer", "byte", "--column", "chosen=good", "--column", "rejected=bad",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "lint",
+                data,
+                "--tokenizer",
+                "byte",
+                "--column",
+                "chosen=good",
+                "--column",
+                "rejected=bad",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["pairs"] == 1
     assert main(["lint", data, "--tokenizer", "byte"]) == 2  # default names: a DataError naming the keys
     assert "missing key(s) 'chosen', 'rejected'; keys found: 'good', 'bad'" in capsys.readouterr().err

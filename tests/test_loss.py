@@ -1,4 +1,5 @@
 """pairwise_loss against plain-numpy references written from each definition."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,7 +47,7 @@ def reference(ids, rewards, loss_type="span", margins=None, center=0.0, normaliz
     margins = np.zeros(bs) if margins is None else margins
     terms, centered, counted, c_scores, r_scores = [], [], 0, [], []
     for i in range(bs):
-        c, r = ids[i][:ends[i]], ids[bs + i][:ends[bs + i]]
+        c, r = ids[i][: ends[i]], ids[bs + i][: ends[bs + i]]
         cr, rr = rewards[i], rewards[bs + i]
         c_end, r_end = cr[ends[i] - 1], rr[ends[bs + i] - 1]
         c_scores.append(c_end)
@@ -123,8 +124,8 @@ def test_explicit_lengths_let_pad_appear_inside_text():
     ids, rewards = make_batch(14)
     bs = 6
     lengths = ends_of(ids)
-    ids[0, 0] = PAD          # an end-of-text token inside chosen 0's text
-    ids[bs + 0, 0] = PAD     # and the same in its rejected (a shared prompt)
+    ids[0, 0] = PAD  # an end-of-text token inside chosen 0's text
+    ids[bs + 0, 0] = PAD  # and the same in its rejected (a shared prompt)
     out = run(ids, rewards, lengths=jnp.asarray(lengths))
     loss, c_scores, r_scores = reference(ids, rewards, lengths=lengths)
     np.testing.assert_allclose(float(out.loss), loss, rtol=1e-5)

@@ -1,4 +1,5 @@
 """jaxrm.RewardModel on its own: jit, causality, dropout, dtypes, bad input."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +31,7 @@ def test_rewards_are_causal(jax_device):
         changed = ids.at[:, t].set((ids[:, t] + 1) % (CONFIG.vocab_size - 1))
         out = np.asarray(model(changed))
         np.testing.assert_array_equal(out[:, :t], base[:, :t])  # earlier rewards untouched
-        assert np.abs(out[:, t] - base[:, t]).max() > 0        # this position sees the change
+        assert np.abs(out[:, t] - base[:, t]).max() > 0  # this position sees the change
 
 
 def test_dropout_is_seeded_and_off_by_default(jax_device):
@@ -48,17 +49,20 @@ def test_dropout_is_seeded_and_off_by_default(jax_device):
 
 def test_dropout_draws_are_uniform_unbiased_and_keyed():
     from jaxrm.kernels import dropout, dropout_bits
+
     key = jax.random.key(5)
     bits = np.asarray(dropout_bits(key, (64, 1024)))
     for b in (0, 8, 16, 31):  # every bit is a fair coin
         assert abs(((bits >> b) & 1).mean() - 0.5) < 0.01
-    neighbours = np.corrcoef(bits[:, :-1].ravel().astype(np.float64), bits[:, 1:].ravel().astype(np.float64))[0, 1]
+    neighbours = np.corrcoef(bits[:, :-1].ravel().astype(np.float64), bits[:, 1:].ravel().astype(np.float64))[
+        0, 1
+    ]
     assert abs(neighbours) < 0.01
     other = np.asarray(dropout_bits(jax.random.key(6), (64, 1024)))
     assert (bits == other).mean() < 0.001
     kept = np.asarray(dropout(jnp.ones((256, 1024)), 0.1, key))
     assert abs((kept > 0).mean() - 0.9) < 0.003
-    assert abs(kept.mean() - 1.0) < 0.005   # inverted dropout keeps the expectation
+    assert abs(kept.mean() - 1.0) < 0.005  # inverted dropout keeps the expectation
     assert set(np.unique(kept)) == {0.0, np.float32(1 / 0.9)}
 
 
@@ -77,6 +81,7 @@ def test_bfloat16_matmuls_keep_float32_params_and_rewards():
 @pytest.mark.parametrize("batch", [(), (2, 3)], ids=["2d", "batched"])
 def test_bfloat16_matmul_gradient_is_the_float32_one_to_bf16_precision(transpose_b, batch):
     from jaxrm.kernels import matmul
+
     ka, kb, kg = jax.random.split(jax.random.key(0), 3)
     a = jax.random.normal(ka, (*batch, 40, 24))
     b = jax.random.normal(kb, (*batch, 56, 24) if transpose_b else (*batch, 24, 56))
@@ -137,7 +142,7 @@ def test_out_of_range_ids_under_jit_give_nan_not_a_clamp():
     model = RewardModel(CONFIG, rngs=nnx.Rngs(0))
     ids = random_ids(6).at[1, 3].set(CONFIG.vocab_size)
     rewards = np.asarray(nnx.jit(lambda m, x: m(x))(model, ids))
-    assert np.isnan(rewards[1, 3:]).all()       # the bad token and everything that attends to it
+    assert np.isnan(rewards[1, 3:]).all()  # the bad token and everything that attends to it
     assert np.isfinite(rewards[[0, 2, 3]]).all()
 
 
@@ -151,25 +156,33 @@ def test_too_long_and_malformed_inputs_are_refused():
         model(jnp.zeros((2, 4), jnp.float32))
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("num_heads", 5, "not divisible"),
-    ("d_model", 0, "positive int"),
-    ("dropout", 1.5, r"\[0, 1\)"),
-    ("activation", "relu", "activation"),
-    ("dtype", "float16", "dtype"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("num_heads", 5, "not divisible"),
+        ("d_model", 0, "positive int"),
+        ("dropout", 1.5, r"\[0, 1\)"),
+        ("activation", "relu", "activation"),
+        ("dtype", "float16", "dtype"),
+    ],
+)
 def test_config_validation(field, value, message):
     with pytest.raises(ValueError, match=message):
         CONFIG.replace(**{field: value})
 
 
-@pytest.mark.parametrize("config", [CONFIG, CONFIG.replace(num_layer=1), CONFIG.replace(dtype="bfloat16")],
-                         ids=["2-layer", "1-layer", "bf16"])
+@pytest.mark.parametrize(
+    "config",
+    [CONFIG, CONFIG.replace(num_layer=1), CONFIG.replace(dtype="bfloat16")],
+    ids=["2-layer", "1-layer", "bf16"],
+)
 def test_scores_at_equals_the_full_forward_at_those_positions(config):
     model = RewardModel(config, rngs=nnx.Rngs(4))
     ids = random_ids(4, shape=(5, 12))
     positions = jnp.asarray([0, 3, 11, -1, 12], jnp.int32)
     full = np.asarray(model(ids))
     got = np.asarray(nnx.jit(lambda m, x, p: m.scores_at(x, p))(model, ids, positions))
-    np.testing.assert_allclose(got[:3], full[[0, 1, 2], [0, 3, 11]], atol=1e-5 if config.dtype == "float32" else 2e-2)
+    np.testing.assert_allclose(
+        got[:3], full[[0, 1, 2], [0, 3, 11]], atol=1e-5 if config.dtype == "float32" else 2e-2
+    )
     assert np.isnan(got[3:]).all()  # -1 and T: NaN, never a wrapped or clamped read

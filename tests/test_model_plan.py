@@ -1,4 +1,6 @@
-"""The model's execution plans (layer scan, recomputation, attention formulation) compute the same function."""
+"""The model's execution plans (layer scan, recomputation, attention formulation) compute the same
+function, and are chosen from the devices."""
+
 import functools
 
 import jax
@@ -7,15 +9,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrm import kernels
+from jaxrm import ModelConfig, RewardModel, kernels, pairwise_loss
 from jaxrm.plan import devices_of, execution_plan, host_memory, stored_activation_bytes
-from jaxrm import ModelConfig, RewardModel, pairwise_loss
 
-CONFIG = ModelConfig(vocab_size=97, d_model=32, block_size=16, num_heads=4, dff=64, num_layer=2, attention_block=4)
+CONFIG = ModelConfig(
+    vocab_size=97, d_model=32, block_size=16, num_heads=4, dff=64, num_layer=2, attention_block=4
+)
 PLANS = [("off", "none"), ("on", "none"), ("on", "attention"), ("on", "block"), ("off", "block")]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def run(config, dropout_seed=None):
     model = RewardModel(config, rngs=nnx.Rngs(0))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size - 1, size=(4, 12)), jnp.int32)
@@ -23,7 +26,9 @@ def run(config, dropout_seed=None):
 
     def loss(p):
         det = dropout_seed is None
-        rewards = nnx.merge(graphdef, p)(ids, deterministic=det, rngs=None if det else nnx.Rngs(dropout=dropout_seed))
+        rewards = nnx.merge(graphdef, p)(
+            ids, deterministic=det, rngs=None if det else nnx.Rngs(dropout=dropout_seed)
+        )
         return pairwise_loss(rewards, ids, config.pad_id).loss, rewards
 
     (value, rewards), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
@@ -52,8 +57,10 @@ def test_dropout_changes_the_function():  # so that test_plans_agree's dropout c
 @pytest.mark.parametrize("block", [1, 5, 64])
 def test_attention_blocks_agree_with_one_block(block):
     """Query blocks of any size (dividing T=12 or not) give the full-matrix attention."""
-    assert_same(run(CONFIG.replace(attention="blocked", attention_block=block)),
-                run(CONFIG.replace(attention="blocked", attention_block=0)))
+    assert_same(
+        run(CONFIG.replace(attention="blocked", attention_block=block)),
+        run(CONFIG.replace(attention="blocked", attention_block=0)),
+    )
 
 
 def test_sdpa_attention_matches_blocked():
@@ -111,7 +118,10 @@ def test_plan_follows_the_devices_not_the_host():
     assert (cpu.attention, cpu.cpu_layouts) == ("blocked", True)
     gpu = execution_plan(CONFIG, 4, 12, [FakeAccelerator(80 * 2**30)])
     assert (gpu.attention, gpu.cpu_layouts, gpu.remat, gpu.scan_layers) == ("sdpa", False, "none", False)
-    assert execution_plan(CONFIG.replace(attention="blocked"), 4, 12, [FakeAccelerator(80 * 2**30)]).attention == "blocked"
+    assert (
+        execution_plan(CONFIG.replace(attention="blocked"), 4, 12, [FakeAccelerator(80 * 2**30)]).attention
+        == "blocked"
+    )
     gpt2 = ModelConfig()
     need = stored_activation_bytes(gpt2, 64, 1024)
     small = [FakeAccelerator(int(need / 0.15 / 4) - 1)] * 4  # together just too small: recompute
@@ -122,8 +132,9 @@ def test_plan_follows_the_devices_not_the_host():
 
 def test_the_model_takes_its_plan_from_the_ids_device():
     model = RewardModel(CONFIG, rngs=nnx.Rngs(0))
-    ids = jax.device_put(jnp.asarray(np.random.default_rng(0).integers(0, 96, size=(2, 8)), jnp.int32),
-                         jax.devices("cpu")[0])
+    ids = jax.device_put(
+        jnp.asarray(np.random.default_rng(0).integers(0, 96, size=(2, 8)), jnp.int32), jax.devices("cpu")[0]
+    )
     assert devices_of(ids) == {jax.devices("cpu")[0]} and devices_of(np.asarray(ids)) is None
     explicit = model(ids, plan=execution_plan(CONFIG.replace(scan_layers="on"), 2, 8, jax.devices("cpu")))
     np.testing.assert_allclose(np.asarray(explicit), np.asarray(model(ids)), atol=1e-6)

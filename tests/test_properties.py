@@ -6,6 +6,7 @@ exception, a hang, a NaN or a silently wrong value.
 
 Deterministic (derandomize=True, no example database) and bounded; jit sees a few fixed shapes.
 """
+
 import csv
 import gzip
 import io
@@ -19,13 +20,17 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from jaxrm.data import eval_batches, encode_pairs
+from jaxrm.data import encode_pairs, eval_batches
 from jaxrm.formats import CHAT_TEMPLATE, ROLE_NAMES, DataError, PreferencePair, load_pairs
 from jaxrm.loss import PairBatchError, pairwise_loss, validate_pair_batch
 from jaxrm.tokenizer import ByteTokenizer, GPT2Tokenizer
 
-SETTINGS = dict(derandomize=True, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = dict(
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def logsigmoid(x):
@@ -33,6 +38,7 @@ def logsigmoid(x):
 
 
 # ----------------------------------------------------------------------------- the reference
+
 
 class Undefined(Exception):
     """The original has no value here (it would read rewards[-1] or take the mean of an empty span)."""
@@ -104,8 +110,11 @@ _LOSS = {}
 
 def jaxrm_loss(ids, rewards, pad, **options):
     """jit per (shape, options): the strategies use a handful of shapes, so few compiles."""
-    key = (ids.shape, pad, tuple(sorted((k, v is None) if k in ("margins", "lengths") else (k, v)
-                                        for k, v in options.items())))
+    key = (
+        ids.shape,
+        pad,
+        tuple(sorted((k, v is None) if k in ("margins", "lengths") else (k, v) for k, v in options.items())),
+    )
     if key not in _LOSS:
         static = {k: v for k, v in options.items() if k not in ("margins", "lengths")}
         dynamic = [k for k in ("margins", "lengths") if options.get(k) is not None]
@@ -114,17 +123,34 @@ def jaxrm_loss(ids, rewards, pad, **options):
     return jax.device_get(_LOSS[key](jnp.asarray(rewards, jnp.float32), jnp.asarray(ids, jnp.int32), *args))
 
 
-VARIANTS = [(loss_type, normalize_by, with_margins) for loss_type in ("span", "last_token")
-            for normalize_by in ("pairs", "nonidentical") for with_margins in (False, True)]
+VARIANTS = [
+    (loss_type, normalize_by, with_margins)
+    for loss_type in ("span", "last_token")
+    for normalize_by in ("pairs", "nonidentical")
+    for with_margins in (False, True)
+]
 
 
 def jaxrm_loss_variants(ids, rewards, pad, margins, lengths=None):
-    """Every option combination in one jit per (shape, lengths given): {(loss_type, normalize_by, margins?): out}."""
+    """Every option combination in one jit per (shape, lengths given):
+    {(loss_type, normalize_by, margins?): out}."""
     key = ("variants", ids.shape, pad, lengths is None)
     if key not in _LOSS:
+
         def every(r, i, m, *n):
-            return [pairwise_loss(r, i, pad, loss_type=lt, normalize_by=nb, margins=m if wm else None,
-                                  lengths=n[0] if n else None) for lt, nb, wm in VARIANTS]
+            return [
+                pairwise_loss(
+                    r,
+                    i,
+                    pad,
+                    loss_type=lt,
+                    normalize_by=nb,
+                    margins=m if wm else None,
+                    lengths=n[0] if n else None,
+                )
+                for lt, nb, wm in VARIANTS
+            ]
+
         _LOSS[key] = jax.jit(every)
     args = [jnp.asarray(rewards, jnp.float32), jnp.asarray(ids, jnp.int32), jnp.asarray(margins, jnp.float32)]
     outs = jax.device_get(_LOSS[key](*args, *([] if lengths is None else [jnp.asarray(lengths)])))
@@ -133,7 +159,7 @@ def jaxrm_loss_variants(ids, rewards, pad, margins, lengths=None):
 
 # ----------------------------------------------------------------------------- pairwise_loss on raw batches
 
-V, PAD = 6, 5               # a tiny vocabulary: identical pairs, shared prefixes and PADs are frequent
+V, PAD = 6, 5  # a tiny vocabulary: identical pairs, shared prefixes and PADs are frequent
 SHAPES_BS, SHAPES_T = (1, 3), (1, 5, 40)
 
 
@@ -143,30 +169,41 @@ def raw_batches(draw):
     token = st.sampled_from([0, 1, 2, 3, 4] * 2 + [PAD])  # a PAD now and then: sequences of every length
     chosen, rejected = [], []
     for _ in range(bs):
-        kind = draw(st.sampled_from(["random", "prefix"] * 3 + ["identical", "tail_after_pad", "all_pad", "pad_inside"]))
+        kind = draw(
+            st.sampled_from(
+                ["random", "prefix"] * 3 + ["identical", "tail_after_pad", "all_pad", "pad_inside"]
+            )
+        )
         c = np.array(draw(st.lists(token, min_size=T, max_size=T)))
         r = np.array(draw(st.lists(token, min_size=T, max_size=T)))
-        c[0], r[0] = draw(st.sampled_from([0, 1])), draw(st.sampled_from([0, 1]))  # empty rows: by "all_pad" only
+        c[0], r[0] = (
+            draw(st.sampled_from([0, 1])),
+            draw(st.sampled_from([0, 1])),
+        )  # empty rows: by "all_pad" only
         n = draw(st.integers(0, T))
         if kind == "identical":
             r = c.copy()
-        elif kind == "prefix":                      # shared prompt of n tokens, answers after it
+        elif kind == "prefix":  # shared prompt of n tokens, answers after it
             r[:n] = c[:n]
-        elif kind == "tail_after_pad":              # same text, different garbage after the first PAD
+        elif kind == "tail_after_pad":  # same text, different garbage after the first PAD
             c[n:] = PAD
-            r[:n], r[n:n + 1] = c[:n], PAD
+            r[:n], r[n : n + 1] = c[:n], PAD
         elif kind == "all_pad":
             (c if draw(st.booleans()) else r)[:] = PAD
-        elif kind == "pad_inside":                  # PAD followed by text: the first PAD still ends it
+        elif kind == "pad_inside":  # PAD followed by text: the first PAD still ends it
             c[:n] = np.where(c[:n] == PAD, 0, c[:n])
-            c[n:n + 1] = PAD
+            c[n : n + 1] = PAD
         chosen.append(c)
         rejected.append(r)
-    ids = np.stack(chosen + rejected)               # (2bs, T)
-    if draw(st.integers(0, 5)) == 0:                # now and then an id out of range
-        ids[draw(st.integers(0, 2 * bs - 1)), draw(st.integers(0, T - 1))] = draw(st.sampled_from([-1, V, 10**6]))
+    ids = np.stack(chosen + rejected)  # (2bs, T)
+    if draw(st.integers(0, 5)) == 0:  # now and then an id out of range
+        ids[draw(st.integers(0, 2 * bs - 1)), draw(st.integers(0, T - 1))] = draw(
+            st.sampled_from([-1, V, 10**6])
+        )
     scale = draw(st.sampled_from([1e-3, 1.0, 40.0]))
-    rewards = (np.random.default_rng(draw(st.integers(0, 2**16))).normal(size=ids.shape) * scale).astype(np.float32)
+    rewards = (np.random.default_rng(draw(st.integers(0, 2**16))).normal(size=ids.shape) * scale).astype(
+        np.float32
+    )
     return ids, rewards
 
 
@@ -175,7 +212,7 @@ def check_against_reference(out, expected):
     np.testing.assert_allclose(out.per_pair_loss, expected["terms"], rtol=2e-5, atol=1e-6)
     np.testing.assert_array_equal(out.identical, expected["identical"])
     np.testing.assert_array_equal(out.chosen_end_scores, np.float32(expected["chosen"]))
-    keep = ~np.asarray(expected["identical"])       # the original has no rejected score for identical pairs
+    keep = ~np.asarray(expected["identical"])  # the original has no rejected score for identical pairs
     np.testing.assert_array_equal(out.rejected_end_scores[keep], np.float32(expected["rejected"])[keep])
     np.testing.assert_allclose(float(out.accuracy), expected["accuracy"], rtol=1e-6)
 
@@ -183,7 +220,8 @@ def check_against_reference(out, expected):
 @settings(max_examples=300, **SETTINGS)
 @given(batch=raw_batches(), with_lengths=st.booleans(), data=st.data())
 def test_pairwise_loss_equals_the_reference_or_the_batch_is_rejected(batch, with_lengths, data):
-    """Every option (span / last_token, normalize by pairs / non-identical pairs, margins, explicit lengths)."""
+    """Every option (span / last_token, normalize by pairs / non-identical pairs, margins, explicit
+    lengths)."""
     ids, rewards = batch
     bs, T = ids.shape[0] // 2, ids.shape[1]
     margins = data.draw(st.lists(st.floats(-3, 3, width=32), min_size=bs, max_size=bs))
@@ -206,8 +244,12 @@ def test_pairwise_loss_equals_the_reference_or_the_batch_is_rejected(batch, with
     outs = jaxrm_loss_variants(ids, rewards, PAD, margins, lengths)
 
     for (loss_type, normalize_by, with_margins), out in outs.items():
-        options = dict(loss_type=loss_type, normalize_by=normalize_by, lengths=lengths,
-                       margins=margins if with_margins else None)
+        options = dict(
+            loss_type=loss_type,
+            normalize_by=normalize_by,
+            lengths=lengths,
+            margins=margins if with_margins else None,
+        )
         try:
             expected = reference_loss(ids, rewards, PAD, **options)
         except Undefined as why:
@@ -222,7 +264,7 @@ def test_pairwise_loss_equals_the_reference_or_the_batch_is_rejected(batch, with
         event(f"value ({'accepted' if accepted else 'refused'})")
         check_against_reference(out, expected)
         assert np.isfinite(float(out.loss))
-        if out_of_range:      # the model cannot embed it: refused before training, naming the id
+        if out_of_range:  # the model cannot embed it: refused before training, naming the id
             assert not accepted and "outside [0, 6)" in message
         elif lengths is None and loss_type == "last_token" and not accepted:
             assert "first differs" in message  # differs only in the padding: no span for the default loss
@@ -232,23 +274,47 @@ def test_pairwise_loss_equals_the_reference_or_the_batch_is_rejected(batch, with
 
 def test_reference_is_the_seed_loop_on_a_hand_made_batch():
     """The reference itself, checked on numbers worked out by hand from the seed's loop."""
-    ids = np.array([[1, 2, 3, PAD], [1, 1, PAD, PAD],     # chosen
-                    [1, 2, 4, 4], [1, 1, PAD, PAD]])      # rejected: pair 0 differs at 2, pair 1 identical
+    ids = np.array(
+        [
+            [1, 2, 3, PAD],
+            [1, 1, PAD, PAD],  # chosen
+            [1, 2, 4, 4],
+            [1, 1, PAD, PAD],
+        ]
+    )  # rejected: pair 0 differs at 2, pair 1 identical
     rewards = np.arange(16, dtype=np.float32).reshape(4, 4) / 10
     expected = reference_loss(ids, rewards, PAD)
     span = -logsigmoid(rewards[0, 2:4] - rewards[2, 2:4]).mean()  # div 2, end max(3, 4) = 4
-    assert expected["loss"] == pytest.approx(span / 2)          # bs = 2 counts the identical pair
+    assert expected["loss"] == pytest.approx(span / 2)  # bs = 2 counts the identical pair
     assert expected["identical"] == [False, True] and expected["chosen"][0] == rewards[0, 2]
     check_against_reference(jaxrm_loss(ids, rewards, PAD), expected)
-    check_against_reference(jaxrm_loss_variants(ids, rewards, PAD, [0.0, 0.0])[("span", "pairs", False)], expected)
+    check_against_reference(
+        jaxrm_loss_variants(ids, rewards, PAD, [0.0, 0.0])[("span", "pairs", False)], expected
+    )
 
 
 # ----------------------------------------------------------------------------- encode_pairs
 
-FRAGMENTS = ["a", "b", " ", " good", " bad", "!", ".", "\n", "\t", "é", "😀", "中文", "\x00", "\x7f", "\ufffd",
-             "<|endoftext|>"]
+FRAGMENTS = [
+    "a",
+    "b",
+    " ",
+    " good",
+    " bad",
+    "!",
+    ".",
+    "\n",
+    "\t",
+    "é",
+    "😀",
+    "中文",
+    "\x00",
+    "\x7f",
+    "\ufffd",
+    "<|endoftext|>",
+]
 LONG = ["x" * 70, " word" * 30, "😀" * 20]  # over every seq_len for the byte tokenizer, some for GPT-2
-texts = st.lists(st.sampled_from(FRAGMENTS), max_size=4).map("".join)        # "" too: an empty answer
+texts = st.lists(st.sampled_from(FRAGMENTS), max_size=4).map("".join)  # "" too: an empty answer
 nonempty_texts = st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=3).map("".join)
 
 
@@ -257,8 +323,19 @@ def answer_texts(draw):
     """Mostly short; an empty answer or a very long one now and then."""
     choice = draw(st.integers(0, 9))
     return "" if choice == 0 else draw(st.sampled_from(LONG)) if choice == 1 else draw(nonempty_texts)
-PAIR_FAULTS = ("empty", "surrogate", "margin_nan", "margin_inf", "margin_huge", "ids_pad", "ids_out_of_range",
-               "ids_negative", "ids_empty")
+
+
+PAIR_FAULTS = (
+    "empty",
+    "surrogate",
+    "margin_nan",
+    "margin_inf",
+    "margin_huge",
+    "ids_pad",
+    "ids_out_of_range",
+    "ids_negative",
+    "ids_empty",
+)
 
 TOKENIZERS = {"byte": ByteTokenizer(), "gpt2": GPT2Tokenizer()}
 VOCABS = {"byte": (257, 128, 300), "gpt2": (50257, 50300, 1000)}  # model vocab: equal, smaller, larger
@@ -277,9 +354,13 @@ def pair_lists(draw, vocab_size):
         if draw(st.integers(0, 4)) == 0 or (fault or "").startswith("ids"):  # pre-tokenized
             ids = st.lists(st.integers(0, min(vocab_size, 300) - 2), min_size=1, max_size=6)
             c = draw(ids)
-            r = list(c) if draw(st.integers(0, 5)) == 0 else c[:draw(st.integers(0, len(c)))] + draw(ids)
-            bad = {"ids_pad": [vocab_size - 1], "ids_out_of_range": [vocab_size], "ids_negative": [-1],
-                   "ids_empty": []}.get(fault)
+            r = list(c) if draw(st.integers(0, 5)) == 0 else c[: draw(st.integers(0, len(c)))] + draw(ids)
+            bad = {
+                "ids_pad": [vocab_size - 1],
+                "ids_out_of_range": [vocab_size],
+                "ids_negative": [-1],
+                "ids_empty": [],
+            }.get(fault)
             if bad is not None:
                 c = bad if fault == "ids_empty" else c[:1] + bad + c[1:]
             pairs.append(PreferencePair("", "", "", margin, chosen_ids=tuple(c), rejected_ids=tuple(r)))
@@ -342,17 +423,25 @@ def expected_encoding(pairs, tokenizer, seq_len, pad_id, vocab_size, truncation)
 
 
 @settings(max_examples=200, **SETTINGS)
-@given(data=st.data(), name=st.sampled_from(["byte", "gpt2"]), seq_len=st.sampled_from(SEQ_LENS),
-       truncation=st.sampled_from(["drop", "error", "left"]), seed=st.integers(0, 2**16))
-def test_encode_pairs_then_loss_equals_the_reference_or_a_clear_data_error(data, name, seq_len, truncation, seed):
+@given(
+    data=st.data(),
+    name=st.sampled_from(["byte", "gpt2"]),
+    seq_len=st.sampled_from(SEQ_LENS),
+    truncation=st.sampled_from(["drop", "error", "left"]),
+    seed=st.integers(0, 2**16),
+)
+def test_encode_pairs_then_loss_equals_the_reference_or_a_clear_data_error(
+    data, name, seq_len, truncation, seed
+):
     tokenizer = TOKENIZERS[name]
     vocab_size = data.draw(st.sampled_from(VOCABS[name][:1] * 4 + VOCABS[name][1:]))
     pad_id = vocab_size - 1
     pairs = data.draw(pair_lists(vocab_size))
     expected = expected_encoding(pairs, tokenizer, seq_len, pad_id, vocab_size, truncation)
     try:
-        encoded, stats = encode_pairs(pairs, tokenizer, seq_len=seq_len, pad_id=pad_id, vocab_size=vocab_size,
-                                      truncation=truncation)
+        encoded, stats = encode_pairs(
+            pairs, tokenizer, seq_len=seq_len, pad_id=pad_id, vocab_size=vocab_size, truncation=truncation
+        )
     except DataError as e:
         event(f"refused: {expected[2]}")
         assert expected[0] == "error", f"refused good pairs: {e}"
@@ -367,8 +456,10 @@ def test_encode_pairs_then_loss_equals_the_reference_or_a_clear_data_error(data,
     assert stats["pairs_kept"] == len(kept) == len(encoded)
     assert {k: stats[k] for k in expected[2]} == expected[2]
     for j, (c, r, margin) in enumerate(kept):
-        for row, length, seq in ((encoded.chosen_ids[j], encoded.chosen_lengths[j], c),
-                                 (encoded.rejected_ids[j], encoded.rejected_lengths[j], r)):
+        for row, length, seq in (
+            (encoded.chosen_ids[j], encoded.chosen_lengths[j], c),
+            (encoded.rejected_ids[j], encoded.rejected_lengths[j], r),
+        ):
             assert length == len(seq) and list(row[:length]) == seq and (row[length:] == pad_id).all()
             assert first_pad(row, pad_id) == length  # the first PAD is the true end
         assert c != r and encoded.margins[j] == np.float32(margin)
@@ -381,7 +472,8 @@ def test_encode_pairs_then_loss_equals_the_reference_or_a_clear_data_error(data,
         rewards = rng.normal(size=ids.shape).astype(np.float32)
         out = jaxrm_loss(ids, rewards, pad_id)
         terms, c_scores, r_scores = reference_from_token_lists(
-            [(c, r) for c, r, _ in kept[start:start + EVAL_BS]], rewards)
+            [(c, r) for c, r, _ in kept[start : start + EVAL_BS]], rewards
+        )
         n = int(valid.sum())
         np.testing.assert_allclose(out.per_pair_loss[:n], terms, rtol=2e-5, atol=1e-6)
         np.testing.assert_array_equal(out.chosen_end_scores[:n], np.float32(c_scores))
@@ -390,6 +482,7 @@ def test_encode_pairs_then_loss_equals_the_reference_or_a_clear_data_error(data,
 
 
 # ----------------------------------------------------------------------------- the file loaders
+
 
 def split_prompt(a, b):
     """The implicit prompt: the longest common prefix, cut back to 0 or to just after whitespace."""
@@ -400,17 +493,34 @@ def split_prompt(a, b):
 
 
 def render(messages):
-    return "".join(CHAT_TEMPLATE.format(role=ROLE_NAMES.get(m["role"], m["role"].capitalize()), content=m["content"])
-                   for m in messages)
+    return "".join(
+        CHAT_TEMPLATE.format(role=ROLE_NAMES.get(m["role"], m["role"].capitalize()), content=m["content"])
+        for m in messages
+    )
 
 
 BAD = object()  # a row the loader must refuse
 HUGE_INT = "__HUGE_INT__"  # written as a 5000-digit integer (beyond Python's int-parsing limit)
-file_texts = st.lists(st.sampled_from([f for f in FRAGMENTS if f != "\ud800"] + [",", '"', "\r\n", "é,\"x\""]),
-                      max_size=4).map("".join)
-ROW_FAULTS = ("margin_text", "margin_nan", "margin_huge", "margin_overflow", "missing", "surrogate", "bad_ids",
-              "prompt_type")
-CSV_FAULTS = ("margin_text", "margin_huge", "margin_overflow", "surrogate", "bad_ids")  # the rest is JSON-only
+file_texts = st.lists(
+    st.sampled_from([f for f in FRAGMENTS if f != "\ud800"] + [",", '"', "\r\n", 'é,"x"']), max_size=4
+).map("".join)
+ROW_FAULTS = (
+    "margin_text",
+    "margin_nan",
+    "margin_huge",
+    "margin_overflow",
+    "missing",
+    "surrogate",
+    "bad_ids",
+    "prompt_type",
+)
+CSV_FAULTS = (
+    "margin_text",
+    "margin_huge",
+    "margin_overflow",
+    "surrogate",
+    "bad_ids",
+)  # the rest is JSON-only
 
 
 @st.composite
@@ -426,16 +536,26 @@ def rows(draw, kind, faults):
         row = {"chosen": prompt + draw(file_texts), "rejected": prompt + draw(file_texts)}
         pair = PreferencePair(*split_prompt(row["chosen"], row["rejected"]), expected_margin)
     elif kind == "chat":
-        msg = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool"]),
-                                     "content": file_texts})
+        msg = st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "assistant", "system", "tool"]), "content": file_texts}
+        )
         shared = draw(st.lists(msg, max_size=2))
-        row = {"chosen": shared + draw(st.lists(msg, max_size=2)), "rejected": shared + draw(st.lists(msg, max_size=2))}
+        row = {
+            "chosen": shared + draw(st.lists(msg, max_size=2)),
+            "rejected": shared + draw(st.lists(msg, max_size=2)),
+        }
         pair = PreferencePair(*split_prompt(render(row["chosen"]), render(row["rejected"])), expected_margin)
     else:  # pre-tokenized
         ids = st.lists(st.integers(0, 70000), min_size=1, max_size=5)
         row = {"input_ids_chosen": draw(ids), "input_ids_rejected": draw(ids)}
-        pair = PreferencePair("", "", "", expected_margin, chosen_ids=tuple(row["input_ids_chosen"]),
-                              rejected_ids=tuple(row["input_ids_rejected"]))
+        pair = PreferencePair(
+            "",
+            "",
+            "",
+            expected_margin,
+            chosen_ids=tuple(row["input_ids_chosen"]),
+            rejected_ids=tuple(row["input_ids_rejected"]),
+        )
     if margin is not None:
         row["margin"] = margin
     if draw(st.integers(0, 19)) == 0:  # now and then a row that must be refused
@@ -445,20 +565,22 @@ def rows(draw, kind, faults):
         if how == "margin_text":
             row["margin"] = "lots"
         elif how == "margin_nan":
-            row["margin"] = math.nan                 # JSON's NaN token
+            row["margin"] = math.nan  # JSON's NaN token
         elif how == "margin_huge":
-            row["margin"] = 1e300                    # finite as float64, inf as float32
+            row["margin"] = 1e300  # finite as float64, inf as float32
         elif how == "margin_overflow":
-            row["margin"] = 10**400                  # beyond float64
+            row["margin"] = 10**400  # beyond float64
         elif how == "missing":
             row.pop("rejected") if "rejected" in row else row.pop("input_ids_rejected")
-        elif how == "surrogate":                     # a JSON "\ud800" escape: a lone surrogate, not text
+        elif how == "surrogate":  # a JSON "\ud800" escape: a lone surrogate, not text
             if kind == "chat":
                 row["chosen"] = [{"role": "user", "content": "a\ud800"}]
             else:
                 row["input_ids_chosen" if kind == "tokenized" else "chosen"] = "a\ud800"
         elif how == "bad_ids":
-            row["input_ids_chosen"] = draw(st.sampled_from([[], [-1], [1.5], [True], "1 2", [[1]], [HUGE_INT]]))
+            row["input_ids_chosen"] = draw(
+                st.sampled_from([[], [-1], [1.5], [True], "1 2", [[1]], [HUGE_INT]])
+            )
             row.setdefault("input_ids_rejected", [1])
         else:
             row["prompt"] = draw(st.sampled_from([5, None, {"a": 1}]))
@@ -490,25 +612,38 @@ def file_bytes(fmt, rows_, ensure_ascii):
 
 
 def same_pairs(got, want):
-    return [(p.prompt, p.chosen, p.rejected, p.margin, p.chosen_ids, p.rejected_ids) for p in got] == \
-           [(p.prompt, p.chosen, p.rejected, p.margin, p.chosen_ids, p.rejected_ids) for p in want]
+    return [(p.prompt, p.chosen, p.rejected, p.margin, p.chosen_ids, p.rejected_ids) for p in got] == [
+        (p.prompt, p.chosen, p.rejected, p.margin, p.chosen_ids, p.rejected_ids) for p in want
+    ]
 
 
 @settings(max_examples=250, **SETTINGS)
-@given(data=st.data(), fmt=st.sampled_from(["jsonl", "json", "csv"]), gz=st.booleans(),
-       kind=st.sampled_from(["explicit", "implicit", "chat", "tokenized"]), ensure_ascii=st.booleans(),
-       corrupt=st.sampled_from([None, None, None, "invalid_utf8", "truncate"]))
-def test_file_loaders_read_back_what_was_written_or_refuse_clearly(tmp_path_factory, data, fmt, gz, kind,
-                                                                    ensure_ascii, corrupt):
+@given(
+    data=st.data(),
+    fmt=st.sampled_from(["jsonl", "json", "csv"]),
+    gz=st.booleans(),
+    kind=st.sampled_from(["explicit", "implicit", "chat", "tokenized"]),
+    ensure_ascii=st.booleans(),
+    corrupt=st.sampled_from([None, None, None, "invalid_utf8", "truncate"]),
+)
+def test_file_loaders_read_back_what_was_written_or_refuse_clearly(
+    tmp_path_factory, data, fmt, gz, kind, ensure_ascii, corrupt
+):
     if fmt == "csv" and kind == "chat":
         kind = "explicit"  # chat messages are JSON structures, not CSV cells
-    items = data.draw(st.lists(rows(kind, CSV_FAULTS if fmt == "csv" else ROW_FAULTS), min_size=1, max_size=5))
+    items = data.draw(
+        st.lists(rows(kind, CSV_FAULTS if fmt == "csv" else ROW_FAULTS), min_size=1, max_size=5)
+    )
     raw = file_bytes(fmt, [row for row, _ in items], ensure_ascii)
     if corrupt == "invalid_utf8":
         at = data.draw(st.integers(0, len(raw)))
-        raw = raw[:at] + data.draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xe2\x82"])) + raw[at:]
-    elif corrupt == "truncate" and fmt != "csv":  # a CSV cut inside a cell is indistinguishable from a shorter cell
-        raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
+        raw = (
+            raw[:at] + data.draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xe2\x82"])) + raw[at:]
+        )
+    elif (
+        corrupt == "truncate" and fmt != "csv"
+    ):  # a CSV cut inside a cell is indistinguishable from a shorter cell
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
     else:
         corrupt = None
     path = tmp_path_factory.mktemp("pairs") / (f"pairs.{fmt}" + (".gz" if gz else ""))
@@ -520,13 +655,13 @@ def test_file_loaders_read_back_what_was_written_or_refuse_clearly(tmp_path_fact
     except DataError as e:
         message = str(e)
         event(f"refused ({corrupt or 'bad row'})")
-        assert str(path) in message, message          # every error names the file ...
+        assert str(path) in message, message  # every error names the file ...
         assert corrupt or BAD in expected, f"refused a good file: {message}"
         return
     event(f"read {fmt}")
     assert corrupt != "invalid_utf8", "read a file that is not UTF-8"
     if corrupt == "truncate":  # JSON Lines cut at a line end: the complete lines, never a half pair
-        assert fmt == "jsonl" and BAD not in expected[:len(got)] and same_pairs(got, expected[:len(got)])
+        assert fmt == "jsonl" and BAD not in expected[: len(got)] and same_pairs(got, expected[: len(got)])
     else:
         assert BAD not in expected, "accepted a row that must be refused"
         assert same_pairs(got, expected)

@@ -14,6 +14,7 @@ key bias (middle third of c_attn.bias) have gradients that are exactly zero in e
 arithmetic, so Adam turns float noise into steps of ~lr; they are checked to stay within what
 10 such steps can reach (2 x steps x lr).
 """
+
 import json
 import os
 import socket
@@ -32,9 +33,19 @@ STEPS, LR, D_MODEL = 10, 3e-3, 32
 
 
 def worker(args, devices, timeout=600, **popen):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, WORKER, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+    }
+    return subprocess.Popen(
+        [sys.executable, WORKER, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def finish(proc, timeout=600):
@@ -69,7 +80,7 @@ def exempt(key: str, ref: np.ndarray) -> np.ndarray:
     if key == "['ln_f']['bias']":
         mask[:] = True
     if key.endswith("['attn']['c_attn']['bias']"):
-        mask[D_MODEL:2 * D_MODEL] = True
+        mask[D_MODEL : 2 * D_MODEL] = True
     return mask
 
 
@@ -127,22 +138,24 @@ def test_params_and_optimizer_state_are_really_sharded(runs):
 def test_sharded_checkpoint_restores_onto_another_mesh(runs):
     restore = runs["eq"]["restore"]
     assert restore["step"] == STEPS and restore["meta"] == {"note": "sharded"}
-    assert restore["devices"] == [0, 1, 2, 3]                     # 8 devices -> 4
+    assert restore["devices"] == [0, 1, 2, 3]  # 8 devices -> 4
     assert restore["shards"][".params['h'][0]['mlp']['c_fc']['kernel']"] == [[32, 16]] * 4
     ref, got = runs["params"]["2x4"], runs["params"]["restored"]
-    assert all(np.array_equal(ref[k], got[k]) for k in ref)       # bit-exact
+    assert all(np.array_equal(ref[k], got[k]) for k in ref)  # bit-exact
     assert np.isfinite(restore["next_loss"])
 
 
 # -----------------------------------------------------------------------------
 # in-process: rules and bad input
 
+
 def test_param_spec_rule():
     from jax.sharding import PartitionSpec as P
+
     assert shd.param_spec((768, 3072), 8) == P(None, "fsdp")
-    assert shd.param_spec((50257, 768), 8) == P(None, "fsdp")      # 50257 does not divide by 8
+    assert shd.param_spec((50257, 768), 8) == P(None, "fsdp")  # 50257 does not divide by 8
     assert shd.param_spec((1024, 768), 4) == P("fsdp", None)
-    assert shd.param_spec((768, 768), 4) == P("fsdp", None)        # the first of equal dims
+    assert shd.param_spec((768, 768), 4) == P("fsdp", None)  # the first of equal dims
     assert shd.param_spec((7,), 4) == P() and shd.param_spec((), 4) == P()
     assert shd.param_spec((768, 3072), 1) == P()
 
@@ -152,7 +165,9 @@ def test_one_by_one_mesh_is_the_unsharded_path():
 
 
 def test_mesh_larger_than_devices_is_a_clear_error():
-    with pytest.raises(shd.ShardingError, match=r"mesh data=2 x fsdp=4 needs 8 devices but only 1 are present"):
+    with pytest.raises(
+        shd.ShardingError, match=r"mesh data=2 x fsdp=4 needs 8 devices but only 1 are present"
+    ):
         shd.make_mesh(2, 4)
     with pytest.raises(shd.ShardingError, match="mesh_fsdp must be a positive int"):
         shd.make_mesh(1, 0)
@@ -161,8 +176,11 @@ def test_mesh_larger_than_devices_is_a_clear_error():
 def test_batch_not_divisible_by_data_parallel_size():
     mesh = types.SimpleNamespace(shape={"data": 2, "fsdp": 4})
     assert shd.batch_size_per_shard(mesh, 16) == 2
-    with pytest.raises(shd.ShardingError, match=r"does not divide by the data-parallel size data x fsdp = 8; "
-                                                r"use a batch_size that is a multiple of 8"):
+    with pytest.raises(
+        shd.ShardingError,
+        match=r"does not divide by the data-parallel size data x fsdp = 8; "
+        r"use a batch_size that is a multiple of 8",
+    ):
         shd.batch_size_per_shard(mesh, 12)
     with pytest.raises(shd.ShardingError, match="multiple of 16"):
         shd.batch_size_per_shard(mesh, 24, grad_accum_steps=2)
@@ -170,11 +188,16 @@ def test_batch_not_divisible_by_data_parallel_size():
 
 def test_unreachable_coordinator_is_a_clear_error_after_the_timeout():
     port = free_port()  # nothing listens there
-    code = ("from jaxrm import sharding as shd\n"
-            f"shd.initialize_distributed('127.0.0.1:{port}', 2, 1, timeout_s=2)\n")
+    code = (
+        "from jaxrm import sharding as shd\n"
+        f"shd.initialize_distributed('127.0.0.1:{port}', 2, 1, timeout_s=2)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
-    assert f"cannot reach the coordinator 127.0.0.1:{port} (process 0) from process 1 of 2 within 2 s" in out.stderr
+    assert (
+        f"cannot reach the coordinator 127.0.0.1:{port} (process 0) from process 1 of 2 within 2 s"
+        in out.stderr
+    )
 
 
 def test_bad_coordinator_arguments():
@@ -187,16 +210,41 @@ def test_bad_coordinator_arguments():
 # -----------------------------------------------------------------------------
 # the CLI: jaxrm train on a mesh, resumed on another; two processes joined by --coordinator
 
-CLI_ARGS = ["--vocab_size=257", "--d_model=32", "--num_heads=4", "--dff=64", "--num_layer=2", "--block_size=32",
-            "--tokenizer=byte", "--seq_len=32", "--batch_size=8", "--warmup_steps=2", "--lr_decay_steps=6",
-            "--checkpoint_every=2", "--eval_every=6", "--embed_pdrop=0", "--attn_pdrop=0", "--resid_pdrop=0",
-            "--dropout=0", "--log_every=1"]
+CLI_ARGS = [
+    "--vocab_size=257",
+    "--d_model=32",
+    "--num_heads=4",
+    "--dff=64",
+    "--num_layer=2",
+    "--block_size=32",
+    "--tokenizer=byte",
+    "--seq_len=32",
+    "--batch_size=8",
+    "--warmup_steps=2",
+    "--lr_decay_steps=6",
+    "--checkpoint_every=2",
+    "--eval_every=6",
+    "--embed_pdrop=0",
+    "--attn_pdrop=0",
+    "--resid_pdrop=0",
+    "--dropout=0",
+    "--log_every=1",
+]
 
 
 def cli(args, devices, out):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-m", "jaxrm.cli", "train", "--preset", "tiny", "--out", str(out),
-                             *CLI_ARGS, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "jaxrm.cli", "train", "--preset", "tiny", "--out", str(out), *CLI_ARGS, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def train_losses(run_dir):
@@ -207,15 +255,31 @@ def test_cli_two_processes_and_a_resume_on_another_mesh_equal_one_device(tmp_pat
     data = write_pairs(tmp_path / "pairs.jsonl")
     port = free_port()
     # 2 processes x 2 devices (data=2 x fsdp=2), while the single-device reference runs here
-    procs = [cli([f"--data={data}", "--max_steps=6", "--mesh_data=2", "--mesh_fsdp=2", "--coordinator",
-                  f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)], 2, tmp_path / "procs")
-             for i in range(2)]
+    procs = [
+        cli(
+            [
+                f"--data={data}",
+                "--max_steps=6",
+                "--mesh_data=2",
+                "--mesh_fsdp=2",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            2,
+            tmp_path / "procs",
+        )
+        for i in range(2)
+    ]
     reference = cli([f"--data={data}", "--max_steps=6"], 1, tmp_path / "one")
     logs = [finish(p) for p in procs]
     finish(reference)
     assert "this process loads pairs 0..3 of each batch" in logs[0]
     assert "this process loads pairs 4..7 of each batch" in logs[1]
-    assert "wall time" in logs[0] and "wall time" not in logs[1]   # process 0 reports
+    assert "wall time" in logs[0] and "wall time" not in logs[1]  # process 0 reports
     # 8 devices (data=2 x fsdp=4) for 4 steps, then resumed on 4 devices (fsdp=4) to 6
     finish(cli([f"--data={data}", "--max_steps=4", "--mesh_data=2", "--mesh_fsdp=4"], 8, tmp_path / "mesh"))
     log = finish(cli([f"--data={data}", "--max_steps=6", "--mesh_fsdp=4"], 8, tmp_path / "mesh"))
@@ -226,12 +290,19 @@ def test_cli_two_processes_and_a_resume_on_another_mesh_equal_one_device(tmp_pat
         np.testing.assert_allclose(train_losses(tmp_path / run), ref, rtol=1e-5, atol=0)
         a, b = weights(tmp_path / "one"), weights(tmp_path / run)
         assert all(np.allclose(a[k], b[k], rtol=0, atol=2 * 6 * 1e-3) for k in a)  # see the module docstring
-        assert max(np.linalg.norm(a[k] - b[k]) / np.linalg.norm(a[k]) for k in a if "ln_f.bias" not in k
-                   and "c_attn.bias" not in k) <= 5e-4
+        assert (
+            max(
+                np.linalg.norm(a[k] - b[k]) / np.linalg.norm(a[k])
+                for k in a
+                if "ln_f.bias" not in k and "c_attn.bias" not in k
+            )
+            <= 5e-4
+        )
 
 
 def test_cli_mesh_larger_than_devices_is_a_clear_error(tmp_path, capsys):
     from jaxrm import cli
+
     assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--mesh_fsdp=4"]) == 2
     assert "mesh data=1 x fsdp=4 needs 4 devices but only 1 are present" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

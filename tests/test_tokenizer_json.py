@@ -1,4 +1,5 @@
 """A Hugging Face tokenizer.json from a local path (the `tokenizers` package)."""
+
 import json
 
 import pytest
@@ -12,6 +13,7 @@ WORDS = ["[UNK]", "hello", "world", "good", "bad", "answer", "Q", ":"]
 
 def make_tokenizer_json(path, extra_words=()):
     from tokenizers import Tokenizer, models, pre_tokenizers
+
     vocab = {w: i for i, w in enumerate(WORDS + list(extra_words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -40,21 +42,45 @@ def test_tokenizer_json_errors(tmp_path):
 
 def _pairs(tmp_path):
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": "Q : ", "chosen": "good answer" + " good" * (i % 3),
-                                        "rejected": "bad answer"}) + "\n" for i in range(8)))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": "Q : ", "chosen": "good answer" + " good" * (i % 3), "rejected": "bad answer"}
+            )
+            + "\n"
+            for i in range(8)
+        )
+    )
     return data
 
 
 def test_train_with_tokenizer_json(tmp_path, capsys):
     from jaxrm.cli import main
+
     path = make_tokenizer_json(tmp_path / "tokenizer.json", extra_words=[f"w{i}" for i in range(40)])
     vocab = len(WORDS) + 40 + 1
-    common = ["train", "--preset", "tiny", "--data", str(_pairs(tmp_path)), f"--tokenizer={path}", "--d_model=32",
-              "--dff=64", "--num_layer=1", "--seq_len=16", "--max_steps=2", "--batch_size=4", "--eval_every=2",
-              "--checkpoint_every=2"]
+    common = [
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        str(_pairs(tmp_path)),
+        f"--tokenizer={path}",
+        "--d_model=32",
+        "--dff=64",
+        "--num_layer=1",
+        "--seq_len=16",
+        "--max_steps=2",
+        "--batch_size=4",
+        "--eval_every=2",
+        "--checkpoint_every=2",
+    ]
     # a model vocabulary smaller than the tokenizer's is refused, saying what to set
     assert main(common + ["--out", str(tmp_path / "small"), f"--vocab_size={vocab - 10}"]) == 2
-    assert f"has {vocab} ids but the model's vocab_size is {vocab - 10}; set vocab_size >= {vocab}" in capsys.readouterr().err
+    assert (
+        f"has {vocab} ids but the model's vocab_size is {vocab - 10}; set vocab_size >= {vocab}"
+        in capsys.readouterr().err
+    )
     # one more id than the tokenizer: PAD (vocab_size - 1) is never a real token
     assert main(common + ["--out", str(tmp_path / "ok"), f"--vocab_size={vocab + 1}"]) == 0
     assert (tmp_path / "ok" / "model.safetensors").is_file()

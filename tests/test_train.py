@@ -1,4 +1,5 @@
 """The fit loop end to end on a tiny byte-level model: resume, faults, config checks, CLI."""
+
 import json
 import signal
 import subprocess
@@ -24,9 +25,9 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     run = make_run(tmp_path)
     fit(run, tmp_path / "straight")
     interrupted = RunConfig(run.model, TrainConfig(**{**run.train.__dict__, "max_steps": 6}))
-    fit(interrupted, tmp_path / "resumed")                       # stops at step 6 ...
+    fit(interrupted, tmp_path / "resumed")  # stops at step 6 ...
     assert Checkpointer(tmp_path / "resumed" / "checkpoints").latest_step() == 6
-    fit(run, tmp_path / "resumed")                               # ... and continues to 12
+    fit(run, tmp_path / "resumed")  # ... and continues to 12
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert all(np.array_equal(a[k], b[k]) for k in a)
     losses = lambda d: [r["loss"] for r in map(json.loads, open(d / "metrics.jsonl")) if r["kind"] == "train"]
@@ -56,16 +57,21 @@ def test_resuming_with_another_config_is_refused(tmp_path):
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
     run = make_run(tmp_path, learning_rate=1e30, min_lr=0.0, checkpoint_every=1, grad_clip=0.0)
-    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step (\d+).*Last good checkpoint: step"):
+    with pytest.raises(
+        TrainingError, match=r"non-finite loss or gradient at step (\d+).*Last good checkpoint: step"
+    ):
         fit(run, tmp_path / "run")
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints")
     from jaxrm.state import abstract_train_state
+
     state, _ = ckpt.restore(abstract_train_state(run.model, run.train))
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
 
 def test_nonfinite_steps_can_be_skipped_up_to_a_limit(tmp_path):
-    run = make_run(tmp_path, learning_rate=1e30, min_lr=0.0, grad_clip=0.0, nonfinite="skip", max_nonfinite_skips=3)
+    run = make_run(
+        tmp_path, learning_rate=1e30, min_lr=0.0, grad_clip=0.0, nonfinite="skip", max_nonfinite_skips=3
+    )
     with pytest.raises(TrainingError, match="4 non-finite steps in a row"):
         fit(run, tmp_path / "run")
 
@@ -86,7 +92,11 @@ def test_a_nonfinite_step_leaves_params_untouched():
 def test_decay_mask_is_the_originals_ndim_rule():
     params = init_train_state(MODEL, TrainConfig(), seed=0).params
     mask = decay_mask(params)
-    assert mask["wte"]["embedding"] and mask["reward_head"]["kernel"] and mask["h"][0]["attn"]["c_attn"]["kernel"]
+    assert (
+        mask["wte"]["embedding"]
+        and mask["reward_head"]["kernel"]
+        and mask["h"][0]["attn"]["c_attn"]["kernel"]
+    )
     assert not mask["h"][0]["attn"]["c_attn"]["bias"] and not mask["ln_f"]["scale"]
 
 
@@ -103,9 +113,23 @@ def test_learning_rate_schedule_is_nanogpts():
 def test_cli_train_eval_score(tmp_path, capsys):
     run = make_run(tmp_path)
     out = tmp_path / "cli"
-    args = ["train", "--preset", "tiny", "--out", str(out), "--data", run.train.data,
-            "--tokenizer=byte", "--vocab_size=257", "--d_model=32", "--max_steps=6", "--seq_len=32",
-            f"--eval_data={run.train.data}", "--batch_size=8", "--checkpoint_every=3"]
+    args = [
+        "train",
+        "--preset",
+        "tiny",
+        "--out",
+        str(out),
+        "--data",
+        run.train.data,
+        "--tokenizer=byte",
+        "--vocab_size=257",
+        "--d_model=32",
+        "--max_steps=6",
+        "--seq_len=32",
+        f"--eval_data={run.train.data}",
+        "--batch_size=8",
+        "--checkpoint_every=3",
+    ]
     assert cli.main(args) == 0
     assert "validation: pairwise accuracy" in capsys.readouterr().out
     assert cli.main(["eval", str(out), "--data", run.train.data, "--json"]) == 0
@@ -113,19 +137,24 @@ def test_cli_train_eval_score(tmp_path, capsys):
     assert result["pairs"] == 48 and 0 <= result["accuracy"] <= 1
     assert cli.main(["score", str(out), "--prompt", "Q:", " good!!", " good."]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
-    assert [x["text"] for x in lines] == [" good!!", " good."] and all(np.isfinite(x["reward"]) for x in lines)
+    assert [x["text"] for x in lines] == [" good!!", " good."] and all(
+        np.isfinite(x["reward"]) for x in lines
+    )
     assert cli.main(["convert", str(out), str(tmp_path / "export" / "rm.safetensors")]) == 0
     exported = load_safetensors(tmp_path / "export" / "rm.safetensors")[0]
     assert all(np.array_equal(exported[k], v) for k, v in weights(out).items())
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["train", "--preset", "tiny", "--max_steps=x"], "needs a int"),
-    (["train", "--preset", "tiny", "--no_such_key=1"], "unknown config key 'no_such_key'"),
-    (["train", "--preset", "nope"], "unknown preset 'nope'"),
-    (["train", "--preset", "tiny", "--data", "/no/such/file.jsonl"], "/no/such/file.jsonl: no such file"),
-    (["eval", "/no/such/run"], "config.json: no such file"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--preset", "tiny", "--max_steps=x"], "needs a int"),
+        (["train", "--preset", "tiny", "--no_such_key=1"], "unknown config key 'no_such_key'"),
+        (["train", "--preset", "nope"], "unknown preset 'nope'"),
+        (["train", "--preset", "tiny", "--data", "/no/such/file.jsonl"], "/no/such/file.jsonl: no such file"),
+        (["eval", "/no/such/run"], "config.json: no such file"),
+    ],
+)
 def test_cli_bad_input_is_a_clear_error(argv, message, capsys, tmp_path):
     if "--data" not in argv and argv[0] == "train":
         argv = argv + ["--out", str(tmp_path / "x")]
@@ -146,11 +175,20 @@ def test_sigterm_saves_and_resume_matches(tmp_path):
     fit(RunConfig(run.model, TrainConfig(**{**run.train.__dict__, "max_steps": 400})), tmp_path / "straight")
     config = tmp_path / "run.json"
     config.write_text(json.dumps(run.to_dict()))
-    code = ("import json,sys; from jaxrm.config import RunConfig; from jaxrm.loop import fit;"
-            "fit(RunConfig.from_dict(json.load(open(sys.argv[1]))), sys.argv[2])")
-    script = f"import sys; from jaxrm.loop import Preempted\ntry:\n  exec({code!r})\nexcept Preempted as e:\n  print(e); sys.exit(75)"
-    proc = subprocess.Popen([sys.executable, "-c", script, str(config), str(tmp_path / "pre")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    code = (
+        "import json,sys; from jaxrm.config import RunConfig; from jaxrm.loop import fit;"
+        "fit(RunConfig.from_dict(json.load(open(sys.argv[1]))), sys.argv[2])"
+    )
+    script = (
+        f"import sys; from jaxrm.loop import Preempted\ntry:\n  exec({code!r})\n"
+        "except Preempted as e:\n  print(e); sys.exit(75)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(config), str(tmp_path / "pre")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics = tmp_path / "pre" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
