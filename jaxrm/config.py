@@ -32,14 +32,13 @@ class ModelConfig:
     activation: str = "gelu"
     layer_norm_eps: float = 1e-5
     dtype: str = "float32"  # matmul compute dtype; params, LayerNorm, softmax, head stay float32
-    # Execution plan: how the same function is computed (jaxrm/model.py, benchmarks/NOTES.md).
-    attention: str = (
-        "auto"  # auto (blocked on CPU, sdpa elsewhere) | blocked | sdpa (jax.nn.dot_product_attention)
-    )
+    # Execution plan: how the same function is computed (jaxrm/plan.py, benchmarks/NOTES.md).
+    # auto (blocked on CPU, sdpa elsewhere) | blocked | sdpa (jax.nn.dot_product_attention)
+    attention: str = "auto"
     attention_block: int = 128  # query rows per block of the blocked causal attention; 0 = one block
     remat: str = "auto"  # auto | none | attention | block: what the backward pass recomputes
     scan_layers: str = "auto"  # auto | on | off: lax.scan over the blocks (auto: on when remat is)
-    remat_budget: float = 0.15  # auto remat when stored activations would exceed this fraction of RAM
+    remat_budget: float = 0.15  # auto remat when stored activations exceed this share of device memory
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "block_size", "num_heads", "dff", "num_layer"):

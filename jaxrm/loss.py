@@ -84,17 +84,8 @@ def pairwise_loss(
     Divergence at position 0 gives the span from 0. All-padding rows must be rejected before
     (validate_pair_batch); inside jit they turn the scores and loss into NaN, never a wrong number.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if normalize_by not in NORMALIZE_BY:
-        raise ValueError(f"normalize_by must be one of {NORMALIZE_BY}, got {normalize_by!r}")
-    if rewards.shape != input_ids.shape or rewards.ndim != 2:
-        raise ValueError(f"rewards {rewards.shape} and input_ids {input_ids.shape} must both be (2*bs, T)")
-    if input_ids.shape[0] % 2:
-        raise ValueError(
-            f"a pair batch needs an even number of rows (chosen then rejected), got {input_ids.shape[0]}"
-        )
-    bs, T = input_ids.shape[0] // 2, input_ids.shape[1]
+    _check_arguments(rewards, input_ids, loss_type, normalize_by)
+    bs = input_ids.shape[0] // 2
     rewards = rewards.astype(jnp.float32)
 
     ends = sequence_ends(input_ids, pad_id, lengths)  # (2bs,)
@@ -109,16 +100,7 @@ def pairwise_loss(
     margins = jnp.zeros((bs,), jnp.float32) if margins is None else jnp.asarray(margins, jnp.float32)
 
     if loss_type == "span":
-        div = jnp.argmax(differs, axis=1)  # first differing index (0 if none)
-        end = jnp.maximum(c_end, r_end)
-        t = jnp.arange(T)[None, :]  # (1, T)
-        in_span = (t >= div[:, None]) & (t < end[:, None])  # (bs, T)
-        token_loss = -jax.nn.log_sigmoid(c_rewards - r_rewards - margins[:, None])
-        span_len = in_span.sum(axis=1)
-        # An empty span (only possible with malformed rows) gives NaN, as the original's mean would.
-        per_pair = jnp.where(in_span, token_loss, 0.0).sum(axis=1) / jnp.where(
-            span_len > 0, span_len, jnp.nan
-        )
+        per_pair = _span_loss(c_rewards, r_rewards, differs, jnp.maximum(c_end, r_end), margins)
     else:
         per_pair = -jax.nn.log_sigmoid(chosen_end_scores - rejected_end_scores - margins)
     per_pair = jnp.where(identical, 0.0, per_pair)
@@ -133,6 +115,30 @@ def pairwise_loss(
     return PairwiseOutput(
         loss, chosen_end_scores, rejected_end_scores, identical, accuracy, per_pair, centered
     )
+
+
+def _check_arguments(rewards, input_ids, loss_type: str, normalize_by: str) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if normalize_by not in NORMALIZE_BY:
+        raise ValueError(f"normalize_by must be one of {NORMALIZE_BY}, got {normalize_by!r}")
+    if rewards.shape != input_ids.shape or rewards.ndim != 2:
+        raise ValueError(f"rewards {rewards.shape} and input_ids {input_ids.shape} must both be (2*bs, T)")
+    if input_ids.shape[0] % 2:
+        rows = input_ids.shape[0]
+        raise ValueError(f"a pair batch needs an even number of rows (chosen then rejected), got {rows}")
+
+
+def _span_loss(c_rewards, r_rewards, differs, end, margins):
+    """(bs,) the original's span loss: the mean of -logsigmoid(c_r[t] - r_r[t] - margin) over
+    t in [first differing index, end). An empty span (only possible with malformed rows) gives
+    NaN, as the original's mean would."""
+    div = jnp.argmax(differs, axis=1)  # first differing index (0 if none)
+    t = jnp.arange(differs.shape[1])[None, :]  # (1, T)
+    in_span = (t >= div[:, None]) & (t < end[:, None])  # (bs, T)
+    token_loss = -jax.nn.log_sigmoid(c_rewards - r_rewards - margins[:, None])  # (bs, T)
+    span_len = in_span.sum(axis=1)
+    return jnp.where(in_span, token_loss, 0.0).sum(axis=1) / jnp.where(span_len > 0, span_len, jnp.nan)
 
 
 def loss_denominators(identical, normalize_by: str):
