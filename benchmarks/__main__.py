@@ -4,7 +4,7 @@ import sys
 
 from jaxrm import runtime
 
-if "--no-tcmalloc" not in sys.argv[1:]:
+if "--in-process" in sys.argv[1:] and "--no-tcmalloc" not in sys.argv[1:]:
     runtime.setup()  # before JAX loads: may re-exec this process with tcmalloc preloaded
 
 from benchmarks.run import main  # noqa: E402  (imports JAX: after the allocator is chosen)

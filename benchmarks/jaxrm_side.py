@@ -3,6 +3,7 @@ and the train step's memory under each execution plan, from XLA's buffer assignm
 
 Train step = forward + pairwise loss + backward + clip + AdamW, as `jaxrm train` runs it.
 Score = the rewards at each row's last real token, as `jaxrm score` runs it.
+Rewards = the reward at every position (what the original's forward computes), jitted.
 """
 
 from __future__ import annotations
@@ -69,14 +70,26 @@ def _prepare_score(cfg, case: Case, jbatch: dict):
     return (lambda: jax.block_until_ready(score(params, ids))), plan
 
 
+def _prepare_rewards(cfg, case: Case, jbatch: dict):
+    plan = _plan(cfg, case)
+    model = RewardModel(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    rewards = jax.jit(lambda params, ids: nnx.merge(graphdef, params)(ids))  # (2B, T): every position
+    ids = jbatch["input_ids"]
+    rewards, plan["compile_s"] = _compile_ahead(rewards, params, ids)
+    return (lambda: jax.block_until_ready(rewards(params, ids))), plan
+
+
 def prepare_jax(case: Case, batch: dict, mode: str):
-    """(one, info): one() runs a train step ("train") or a scoring call ("score") and blocks
-    until it is done; info: the execution plan, compile seconds (and the step function)."""
+    """(one, info): one() runs a train step ("train"), a scoring call ("score": end scores) or the
+    per-position rewards ("rewards") and blocks until it is done; info: the execution plan,
+    compile seconds (and the step function)."""
     cfg = model_config(case)
     if mode == "train":  # the train step's layout: ids (2, B, T), chosen then rejected
         step_batch = shard_batch(batch, None, case.pairs)
         return _prepare_train(cfg, case, {k: jnp.asarray(v) for k, v in step_batch.items()})
-    return _prepare_score(cfg, case, {k: jnp.asarray(v) for k, v in batch.items()})
+    prepare = _prepare_score if mode == "score" else _prepare_rewards
+    return prepare(cfg, case, {k: jnp.asarray(v) for k, v in batch.items()})
 
 
 REMAT_PLANS = (("off", "none"), ("on", "none"), ("on", "attention"), ("on", "block"))

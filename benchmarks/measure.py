@@ -1,19 +1,16 @@
 """How it is measured: step timing, peak FLOP/s, memory, the machine.
 
 Timing: every implementation of a case is set up (first call and warm-up) and then timed
-interleaved, one step of each in turn, so that load from other processes hits all alike;
-the median is reported with min / max / IQR.
+interleaved, one step of each in turn (each in its own process by default: benchmarks/sides.py),
+so that load from other processes hits all alike; the median is reported with min / max / IQR.
 Peak FLOP/s, for MFU: on CPU measured here by large matmuls (numpy, torch and jax; the highest
 of the float32 ones for float32 cases, of the bfloat16 ones for bfloat16 cases); on GPU/TPU the
 device's published dense peak (PUBLISHED_PEAK).
-Memory on CPU: the process's peak RSS during the case (VmHWM, reset through
-/proc/self/clear_refs before each case) minus the RSS before it: what the case added;
-on accelerators: the device's peak_bytes_in_use.
+Memory: see benchmarks/timing.py.
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import platform
@@ -25,155 +22,33 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.cases import Case, flops_per_token, model_config
+from benchmarks.sides import REQUIRED
+from benchmarks.timing import summarize, time_interleaved
 from jaxrm import runtime
 
-# ----------------------------------------------------------------------------- memory
 
-
-def _rss_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def release_free_memory() -> None:
-    """Give cached free memory back to the OS (tcmalloc or glibc), e.g. before a peak-RSS reading."""
-    try:
-        libc = ctypes.CDLL(None)
-    except OSError:
-        return
-    fn = getattr(libc, "MallocExtension_ReleaseFreeMemory", None)
-    if fn is not None:
-        fn()
-        return
-    trim = getattr(libc, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-class PeakMemory:
-    """Peak RSS of this process during a block, minus RSS before it (CPU); device peak on accelerators."""
-
-    def __init__(self, jax_device=None):
-        self.device = jax_device
-        self.peak_mb = None
-        self.added_mb = None
-        self.method = None
-
-    def __enter__(self):
-        release_free_memory()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-            self.reset = True
-        except OSError:
-            self.reset = False
-        self.before = _rss_kb("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        stats = None
-        if self.device is not None and self.device.platform != "cpu":
-            try:
-                stats = self.device.memory_stats()
-            except Exception:
-                stats = None
-        if stats and "peak_bytes_in_use" in stats:
-            self.peak_mb = stats["peak_bytes_in_use"] / 2**20
-            self.added_mb = None
-            self.method = "device peak_bytes_in_use"
-        else:
-            hwm = _rss_kb("VmHWM")
-            if hwm is not None and self.before is not None:
-                self.peak_mb = hwm / 1024
-                self.added_mb = (hwm - self.before) / 1024
-                self.method = "VmHWM (reset per case)" if self.reset else "VmHWM (process lifetime)"
-        return False
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def summarize(times: list[float], tokens: int, flops_tok: float, peak: float | None) -> dict:
-    """Step-time statistics, tokens/s (median, and at the slowest / fastest step) and MFU."""
-    t = np.asarray(times)
-    med = float(np.median(t))
-    q1, q3 = np.percentile(t, [25, 75])
-    out = {
-        "steps": len(times),
-        "step_s_median": med,
-        "step_s_min": float(t.min()),
-        "step_s_max": float(t.max()),
-        "step_s_iqr": float(q3 - q1),
-        "tokens_per_s": tokens / med,
-        "tokens_per_s_min": tokens / float(t.max()),
-        "tokens_per_s_max": tokens / float(t.min()),
-        "spread_pct": 100.0 * float(t.max() - t.min()) / med,
-    }
-    out["mfu"] = (flops_tok * tokens / med) / peak if peak else None
-    return out
-
-
-def _start(prep, case: Case, batch: dict, mode: str, warmup: int, device):
-    """(one, first_s, memory, info): prepare, first call, warm-up; memory measured throughout."""
-    with PeakMemory(device) as mem:
-        one, info = prep(case, batch, mode)
-        t0 = time.perf_counter()
-        one()
-        first = time.perf_counter() - t0
-        for _ in range(warmup):
-            one()
-    return one, first, mem, info
-
-
-def _time_interleaved(ones: dict, steps: int, max_seconds: float) -> dict:
-    """Seconds of each call, one call of each runner in turn; stops after max_seconds (>= 3 rounds)."""
-    times = {name: [] for name in ones}
-    start = time.perf_counter()
-    for i in range(steps):
-        for name, one in ones.items():
-            t0 = time.perf_counter()
-            one()
-            times[name].append(time.perf_counter() - t0)
-        if i >= 2 and time.perf_counter() - start > max_seconds:
-            break
-    return times
-
-
-def run_case(case: Case, batch: dict, args, peaks: dict, impls: dict) -> dict:
-    """Per mode: set up every impl (first call and warm-up, memory measured), then time them
+def run_case(case: Case, batch: dict, args, peaks: dict, sides: dict) -> dict:
+    """Per mode: set up every side (first call and warm-up, memory measured), then time them
     interleaved step by step, so that load from other processes hits all of them alike.
-    impls: name -> prepare(case, batch, mode) -> (one, info). Returns name -> mode -> figures."""
+    sides: name -> benchmarks.sides.Worker or InProcess. Returns name -> mode -> figures."""
     cfg = model_config(case)
     peak = peaks.get(f"peak_{case.dtype}")
-    dev = jax.devices()[0]
-    out = {name: {"impl": name} for name in impls}
+    out = {name: {"impl": name} for name in sides}
     for mode in args.modes:
         steps = args.steps if mode == "train" else args.score_steps
         runners = {}
-        for name, prep in impls.items():
+        for name, side in sides.items():
             try:
-                runners[name] = _start(prep, case, batch, mode, args.warmup, dev if name == "jaxrm" else None)
-            except Exception as e:  # torch.compile is optional; anything else is re-raised
-                if name == "jaxrm" or name == "torchref":
+                runners[name] = side.start(case, batch, mode, args.warmup)
+            except Exception as e:  # the extra rows are optional; jaxrm and torchref are not
+                if name in REQUIRED:
                     raise
                 out[name][mode] = {"error": repr(e)[:300]}
-        times = _time_interleaved({name: r[0] for name, r in runners.items()}, steps, args.max_seconds)
-        for name, (_, first, mem, info) in runners.items():
-            r = summarize(times[name], case.tokens, flops_per_token(cfg, case.T, mode == "train"), peak)
-            r.update(
-                first_step_s=first,
-                peak_rss_mb=mem.peak_mb,
-                added_mb=mem.added_mb,
-                memory_method=mem.method,
-                **info,
-            )
-            out[name][mode] = r
+        times = time_interleaved({name: r[0] for name, r in runners.items()}, steps, args.max_seconds)
+        flops = flops_per_token(cfg, case.T, mode == "train")
+        for name, (_, figures) in runners.items():
+            out[name][mode] = {**summarize(times[name], case.tokens, flops, peak), **figures}
+            sides[name].release()
         del runners
         gc.collect()
     return out

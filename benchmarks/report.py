@@ -14,6 +14,19 @@ import os
 import numpy as np
 
 PARTIAL_JSON = "bench.partial.json"  # rewritten after each case: partial results survive an interrupted run
+MODES = ("train", "score", "rewards")
+TORCH_VARIANTS = ("torchref", "torchref+tcmalloc", "torchref+compile")
+VARIANTS = ("jaxrm", "jaxrm+tcmalloc", *TORCH_VARIANTS)
+
+
+def best_torch(entry: dict, mode: str) -> tuple[str, float] | None:
+    """(name, tokens/s) of the fastest torch variant measured for this case and mode."""
+    rates = {
+        name: entry[name][mode]["tokens_per_s"]
+        for name in TORCH_VARIANTS
+        if "tokens_per_s" in entry.get(name, {}).get(mode, {})
+    }
+    return max(rates.items(), key=lambda item: item[1]) if rates else None
 
 
 def _pct(x):
@@ -32,7 +45,7 @@ def _header(report: dict) -> list[str]:
     )
     return [
         f"Machine: {m.get('cpu')} ({m.get('cpu_count')} cores, {m.get('mem_gb')} GB), JAX {m.get('jax')} "
-        f"({m.get('jax_backend')}), torch {m.get('torch', '-')}, allocator {m.get('allocator')}, "
+        f"({m.get('jax_backend')}), torch {m.get('torch', '-')}, {m.get('method', 'one process')}, "
         f"{m.get('date')}.",
         f"Peak FLOP/s (matmul {p.get('matmul_n')}^2): float32 {_fmt(p.get('peak_float32', 0) / 1e9)} G "
         f"({p.get('peak_float32_source')}), bfloat16 {_fmt(p.get('peak_bfloat16', 0) / 1e9)} G "
@@ -49,20 +62,17 @@ def _tok_s(r: dict) -> str:
 
 
 def _case_rows(r: dict) -> list[str]:
-    """One table row per mode and torch variant (eager; torch.compile when measured)."""
+    """One table row per mode: jaxrm against torchref eager (each as run by default)."""
     c = r["case"]
     j = r.get("jaxrm", {})
     rows = []
-    for mode in ("train", "score"):
+    for mode in MODES:
         jm = j.get(mode)
-        for t_name in ("torchref", "torchref+compile"):
-            tm = r.get(t_name, {}).get(mode)
-            if jm is None or (tm is None and t_name != "torchref"):
-                continue
+        tm = r.get("torchref", {}).get(mode)
+        if jm is not None:
             ratio = jm["tokens_per_s"] / tm["tokens_per_s"] if tm else None
             rows.append(
-                f"| {c['name']} | {c['dtype']} | {c['pairs']}x{c['T']} | {mode}"
-                f"{' vs compile' if t_name != 'torchref' else ''} | {_tok_s(jm)} | "
+                f"| {c['name']} | {c['dtype']} | {c['pairs']}x{c['T']} | {mode} | {_tok_s(jm)} | "
                 + (_tok_s(tm) if tm else "-")
                 + f" | {'-' if ratio is None else f'**{ratio:.2f}x**'} | "
                 f"{_pct(jm.get('mfu'))} | {_pct(tm.get('mfu') if tm else None)} | "
@@ -70,6 +80,30 @@ def _case_rows(r: dict) -> list[str]:
                 f"{_fmt(jm.get('added_mb'))} / {_fmt(tm.get('added_mb') if tm else None)} |"
             )
     return rows
+
+
+def _variants_table(results: list[dict]) -> list[str]:
+    """tokens/s of every variant measured (benchmarks/sides.py) and jaxrm against the best torch."""
+    present = [v for v in VARIANTS if any(v in r for r in results)]
+    if present == ["jaxrm", "torchref"] or len(present) < 2:
+        return []
+    lines = [
+        "",
+        "Every variant (tokens/s, median); best = jaxrm against the fastest torch variant:",
+        "",
+        "| case | dtype | mode | " + " | ".join(present) + " | jaxrm / best torch |",
+        "|---" * (len(present) + 4) + "|",
+    ]
+    for r in results:
+        for mode in MODES:
+            cells = [_fmt(r.get(v, {}).get(mode, {}).get("tokens_per_s")) for v in present]
+            best, jm = best_torch(r, mode), r.get("jaxrm", {}).get(mode)
+            if jm is None:
+                continue
+            ratio = f"**{jm['tokens_per_s'] / best[1]:.2f}x** ({best[0]})" if best else "-"
+            c = r["case"]
+            lines.append(f"| {c['name']} | {c['dtype']} | {mode} | " + " | ".join(cells) + f" | {ratio} |")
+    return lines
 
 
 def _plan_memory_table(memory: list[dict]) -> list[str]:
@@ -94,10 +128,12 @@ def markdown(report: dict) -> str:
     lines = _header(report)
     for r in report["results"]:
         lines += _case_rows(r)
+    lines += _variants_table(report["results"])
     lines.append("")
     lines.append(
         "tok/s: median over timed steps after warm-up (min-max in brackets); "
-        "ratio = jaxrm / torchref; compile = trace, lower and XLA compile (ahead of time); "
+        "ratio = jaxrm / torchref; score = end scores, rewards = the reward at every position; "
+        "compile = trace, lower and XLA compile (ahead of time); "
         "first step = the first run after it, its one-off costs included; "
         "peak MB = peak RSS added during the case."
     )
@@ -112,7 +148,7 @@ def _throughput_panel(ax, main: list[dict], mode: str) -> None:
         f"{r['case']['name']}\n{r['case']['dtype'].replace('float', 'f').replace('bfloat', 'bf')}"
         for r in main
     ]
-    impls = [i for i in ("jaxrm", "torchref", "torchref+compile") if any(mode in r.get(i, {}) for r in main)]
+    impls = [i for i in VARIANTS if any("tokens_per_s" in r.get(i, {}).get(mode, {}) for r in main)]
     w = 0.8 / max(1, len(impls))
     x = np.arange(len(main))
     for k, impl in enumerate(impls):
@@ -151,11 +187,12 @@ def plot(report: dict, path: str) -> None:
 
     main = [r for r in report["results"] if r["case"]["group"] == "main"]
     seq = [r for r in report["results"] if r["case"]["group"] == "seqlen"]
-    fig, axes = plt.subplots(1, 3 if seq else 2, figsize=(15 if seq else 11, 4.2))
-    for ax, mode in zip(axes, ("train", "score")):
+    modes = [m for m in MODES if any(m in r.get("jaxrm", {}) for r in main)]
+    fig, axes = plt.subplots(1, len(modes) + bool(seq), figsize=(5.2 * (len(modes) + bool(seq)), 4.2))
+    for ax, mode in zip(axes, modes):
         _throughput_panel(ax, main, mode)
     if seq:
-        _seqlen_panel(axes[2], seq)
+        _seqlen_panel(axes[-1], seq)
     m = report["machine"]
     fig.suptitle(f"jaxrm vs torchref on {m.get('cpu')} x{m.get('cpu_count')} ({m.get('date')})", fontsize=10)
     fig.tight_layout()

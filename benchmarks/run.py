@@ -1,16 +1,17 @@
-"""Throughput, MFU and memory of jaxrm vs torchref, in one process, on the same shapes and data.
+"""Throughput, MFU and memory of jaxrm vs torchref on the same shapes and data, each in its own
+process as its users run it (benchmarks/sides.py), timed interleaved.
 
     python -m benchmarks [--quick] [--json FILE] [--out DIR] [...]     (or: jaxrm bench ...)
 
     main(argv: list[str] | None = None) -> int
         argv without the program name, e.g. ["--quick", "--json", "out.json"]; None = sys.argv[1:].
-        Returns the exit code. May re-exec the process once with tcmalloc preloaded
-        (jaxrm.runtime.preload_tcmalloc; opt out with --no-tcmalloc or JAXRM_NO_TCMALLOC=1).
+        Returns the exit code.
 
 For every case (benchmarks/cases.py) it measures, for jaxrm (jit; benchmarks/jaxrm_side.py) and
 torchref (eager, or torch.compile'd blocks with --torch-compile; benchmarks/torch_side.py),
-  train  - one optimizer step on a pair batch (forward, pairwise loss, backward, clip, AdamW)
-  score  - the forward pass to per-pair end scores (inference, no loss)
+  train    one optimizer step on a pair batch (forward, pairwise loss, backward, clip, AdamW)
+  score    the forward pass to per-pair end scores (inference, no loss)
+  rewards  the forward pass to the reward at every position (what the original's forward computes)
 the median tokens/s over repeated steps after warm-up (compile time and the first step are
 reported apart), the spread, peak memory and MFU (benchmarks/measure.py), and writes
 bench.json, bench.md and bench.png (benchmarks/report.py).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 
@@ -29,8 +31,11 @@ from benchmarks import report
 from benchmarks.cases import Case, cases_for, make_batch, matmul_params, model_config
 from benchmarks.jaxrm_side import plan_memory, prepare_jax
 from benchmarks.measure import machine_info, measure_peaks, run_case
+from benchmarks.report import best_torch
+from benchmarks.sides import InProcess, start_workers, variants
 from benchmarks.torch_side import prepare_torch
-from jaxrm import runtime
+
+MODES = report.MODES
 
 
 def parse_args(argv):
@@ -49,7 +54,7 @@ def parse_args(argv):
         choices=["float32", "bfloat16"],
         help="default: float32 bfloat16 on CPU, bfloat16 on GPU/TPU",
     )
-    p.add_argument("--modes", nargs="+", default=["train", "score"], choices=["train", "score"])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--no-seqlen", dest="seqlen", action="store_false", help="skip T=128..1024 scaling")
     p.add_argument("--no-short", dest="short", action="store_false", help="skip many short pairs (64 x T=64)")
     p.add_argument(
@@ -67,7 +72,14 @@ def parse_args(argv):
         "--max-seconds", type=float, default=None, help="stop timing a case after this long (>= 3 steps)"
     )
     p.add_argument(
-        "--no-tcmalloc", action="store_true", help="do not re-exec with tcmalloc (also JAXRM_NO_TCMALLOC=1)"
+        "--no-tcmalloc",
+        action="store_true",
+        help="no +tcmalloc rows (with --in-process: no re-exec with tcmalloc; also JAXRM_NO_TCMALLOC=1)",
+    )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="the older method: jaxrm and torchref in this one process (one allocator, one set of threads)",
     )
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
@@ -92,14 +104,18 @@ def _torch_importable() -> bool:
     return True
 
 
-def _implementations(args, with_torch: bool) -> dict:
-    """name -> prepare(case, batch, mode) -> (one, info)."""
-    impls = {"jaxrm": prepare_jax}
+def _sides(args, with_torch: bool) -> dict:
+    """name -> what runs it: a worker process per variant (default), or this process (--in-process)."""
+    if not args.in_process:
+        specs = variants(with_torch, tcmalloc_rows=not args.no_tcmalloc, torch_compile=args.torch_compile)
+        os.makedirs(args.out, exist_ok=True)
+        return start_workers(specs, os.path.join(args.out, "workers.log"))
+    sides = {"jaxrm": InProcess(prepare_jax, jax.devices()[0])}
     if with_torch:
-        impls["torchref"] = prepare_torch
+        sides["torchref"] = InProcess(prepare_torch)
         if args.torch_compile:
-            impls["torchref+compile"] = lambda c, b, m: prepare_torch(c, b, m, compiled=True)
-    return impls
+            sides["torchref+compile"] = InProcess(lambda c, b, m: prepare_torch(c, b, m, compiled=True))
+    return sides
 
 
 def _print_case(case: Case, entry: dict, modes: list[str]) -> None:
@@ -115,12 +131,14 @@ def _print_case(case: Case, entry: dict, modes: list[str]) -> None:
                 f" | torchref {t['tokens_per_s']:9.0f} tok/s (spread {t['spread_pct']:.0f}%)"
                 f" | ratio {j['tokens_per_s'] / t['tokens_per_s']:.2f}x"
             )
+        best = best_torch(entry, mode)
+        if best and best[0] != "torchref":
+            msg += f" | vs best torch ({best[0]}) {j['tokens_per_s'] / best[1]:.2f}x"
         print(msg, flush=True)
 
 
-def run_cases(args, machine: dict, peaks: dict, with_torch: bool) -> list[dict]:
+def run_cases(args, machine: dict, peaks: dict, sides: dict) -> list[dict]:
     """Every case in turn: measured, printed, and saved to OUT/bench.partial.json."""
-    impls = _implementations(args, with_torch)
     results = []
     for case in cases_for(args):
         cfg = model_config(case)
@@ -129,7 +147,7 @@ def run_cases(args, machine: dict, peaks: dict, with_torch: bool) -> list[dict]:
             "case": dataclasses.asdict(case)
             | {"tokens_per_step": case.tokens, "matmul_params": matmul_params(cfg)}
         }
-        entry.update(run_case(case, batch, args, peaks, impls))
+        entry.update(run_case(case, batch, args, peaks, sides))
         results.append(entry)
         _print_case(case, entry, args.modes)
         report.write_partial(args.out, machine, peaks, results)
@@ -138,10 +156,7 @@ def run_cases(args, machine: dict, peaks: dict, with_torch: bool) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns a process exit code. argv: the flags, without the program name."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--no-tcmalloc" not in argv:
-        runtime.setup()  # may re-exec this process with tcmalloc preloaded
-    args = parse_args(argv)
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.dtypes is None:
         args.dtypes = ["float32", "bfloat16"] if jax.default_backend() == "cpu" else ["bfloat16"]
     with_torch = not args.no_torch and _torch_importable()
@@ -159,7 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{k}={v / 1e9:.0f}G" for k, v in peaks.items() if isinstance(v, float)),
         flush=True,
     )
-    results = run_cases(args, machine, peaks, with_torch)
+    machine["method"] = "one process" if args.in_process else "a process per implementation"
+    sides = _sides(args, with_torch)
+    try:
+        results = run_cases(args, machine, peaks, sides)
+    finally:
+        for side in sides.values():
+            side.close()
     memory = plan_memory("gpt2", 4, 512) if args.plan_memory and "gpt2" in args.configs else []
     full = {
         "machine": machine,

@@ -16,8 +16,9 @@ from benchmarks.cases import Case, model_config
 
 
 def prepare_torch(case: Case, batch: dict, mode: str, compiled: bool = False):
-    """(one, info): one() runs a train step ("train") or a scoring call ("score") and waits for
-    the device; info: the torch device."""
+    """(one, info): one() runs a train step ("train"), a scoring call ("score": the original's
+    forward to end scores) or the per-position rewards ("rewards") and waits for the device;
+    info: the torch device and threads."""
     import torch  # optional dependency: pip install 'jaxrm[torch]'
 
     import torchref
@@ -40,7 +41,7 @@ def prepare_torch(case: Case, batch: dict, mode: str, compiled: bool = False):
     if compiled:
         for i, block in enumerate(model.h):  # the pair loop has .item(): compile the blocks
             model.h[i] = torch.compile(block)
-    info = {"device": device}
+    info = {"device": device, "torch_threads": torch.get_num_threads()}
     if mode == "train":
         model.train()
         with contextlib.redirect_stdout(io.StringIO()):
@@ -63,7 +64,10 @@ def prepare_torch(case: Case, batch: dict, mode: str, compiled: bool = False):
 
     def one():
         with torch.inference_mode(), autocast():
-            model(x, None, None, return_loss=False)
+            if mode == "score":  # the original's forward: end scores through its loop over pairs
+                model(x, None, None, return_loss=False)
+            else:  # every position's reward
+                torchref.per_token_rewards(model, x)
         sync()
 
     return one, info

@@ -1,9 +1,14 @@
 """jaxrm: reward-model training for RLHF in JAX / Flax NNX.
 
 Names are imported lazily, so `jaxrm` (the CLI) can set up the process before JAX loads.
+Importing jaxrm tunes glibc's malloc for XLA:CPU (jaxrm/runtime.py; JAXRM_MALLOC_TUNING=0: not).
 """
 
 import importlib
+
+from jaxrm import runtime
+
+runtime.tune_malloc()  # before XLA allocates its first buffers
 
 _EXPORTS = {
     "ModelConfig": "jaxrm.config",

@@ -10,6 +10,10 @@ LD_PRELOAD=libtcmalloc_minimal.so.4 when the library is installed and not alread
     Debian/Ubuntu: apt-get install -y libtcmalloc-minimal4
     Opt out:       JAXRM_NO_TCMALLOC=1
 
+Without tcmalloc (a pip-only install, or jaxrm imported as a library), `import jaxrm` tunes
+glibc's malloc through mallopt (tune_malloc) before XLA allocates, with the same effect on
+XLA:CPU's step time; opt out with JAXRM_MALLOC_TUNING=0.
+
 Deterministic GPU ops (`jaxrm train --deterministic`, TrainConfig.deterministic): XLA reads
 XLA_FLAGS once, when JAX initializes its backend, so `use_deterministic_ops()` must run before
 that; the CLI calls it before anything touches a device, and it warns when it is too late.
@@ -146,6 +150,39 @@ def use_deterministic_ops(environ=None) -> bool:
         )
         return False
     return True
+
+
+# glibc malloc, tuned so that XLA's large per-step buffers are reused instead of mmapped and
+# unmapped every step (each time page-faulting them in again; benchmarks/NOTES.md §20): one
+# arena, no mmap for large blocks, freed memory kept (trim threshold) plus some headroom (top pad).
+MALLOC_TUNING_ENV = "JAXRM_MALLOC_TUNING"  # "0": leave malloc as it is
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8  # <malloc.h>
+GLIBC_TUNING = (
+    ("M_ARENA_MAX", _M_ARENA_MAX, 1),
+    ("M_MMAP_MAX", _M_MMAP_MAX, 0),
+    ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD, 2**31 - 1),
+    ("M_TOP_PAD", _M_TOP_PAD, 512 * 2**20),
+)
+_tuned: list[str] = []
+
+
+def tune_malloc() -> bool:
+    """Apply GLIBC_TUNING through mallopt, once per process. Skipped (False) when opted out
+    (JAXRM_MALLOC_TUNING=0), under another allocator (tcmalloc), or without glibc."""
+    if _tuned or os.environ.get(MALLOC_TUNING_ENV, "1").strip() == "0" or tcmalloc_loaded():
+        return bool(_tuned)
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    _tuned.extend(name for name, param, value in GLIBC_TUNING if mallopt(param, value) == 1)
+    return bool(_tuned)
+
+
+def malloc_tuning_applied() -> list[str]:
+    """The mallopt parameters tune_malloc set in this process (empty: none)."""
+    return list(_tuned)
 
 
 def setup(tcmalloc: bool = True) -> None:
