@@ -302,3 +302,12 @@ def test_tensorboard_events_read_back(two_runs):
     evals = {r["step"]: r["accuracy"] for r in jsonl if r["kind"] == "eval"}
     assert scalars["validation/accuracy"] == pytest.approx(evals)
     assert not list((tmp / "b").glob("events.out.tfevents.*"))  # only when asked
+
+
+def test_train_tensorboard_flag_sets_the_config(monkeypatch, tmp_path, capsys):
+    seen = []
+    fake_fit = lambda run, out, init_model=None: seen.append(run) or {"steps": 0, "wall_time_s": 0.0}
+    monkeypatch.setattr("jaxrm.loop.fit", fake_fit)
+    assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--tensorboard"]) == 0
+    assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path / "r")]) == 0
+    assert [run.train.tensorboard for run in seen] == [True, False]
