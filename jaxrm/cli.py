@@ -125,7 +125,7 @@ def _eval_path(run, data: str | None, split: str | None) -> tuple[str, str]:
             f"the run trained on {tc.data} and has no {split} data (it has: {has}); "
             "give --data PAIRS or --split " + "|".join(k for k, v in files.items() if v)
         )
-    return files[split], f"the run's {split} data" + ("" if tc.data else " (bundled)")
+    return files[split], f"the run's {split} data" + ("" if tc.data else ", bundled")
 
 
 def _eval_run(run_dir, path: str, subset_key: str) -> dict:
