@@ -13,6 +13,7 @@ EPILOG = """examples:
   jaxrm train                                   # the default preset on the bundled human-rated pairs
   jaxrm train --preset tiny --out runs/t --max_steps=20 --learning_rate=1e-3
   jaxrm eval runs/base --split test
+  jaxrm eval runs/a runs/b --data pairs.jsonl   # two runs on the same pairs
   jaxrm score runs/base "What a wonderful day." "This is awful."
 """
 
@@ -35,7 +36,11 @@ def cmd_train(args, extra) -> int:
 
     preset = args.preset or DEFAULT_RUN_PRESET
     overrides = _split_overrides(extra)
-    for key in ("deterministic", "debug_checks"):  # --deterministic[=BOOL], --debug-checks=MODE
+    for key in (
+        "deterministic",
+        "debug_checks",
+        "tensorboard",
+    ):  # --deterministic[=BOOL], --debug-checks=MODE
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if run_preset(preset).override(overrides).train.deterministic:  # XLA_FLAGS: before a JAX backend starts
@@ -94,43 +99,103 @@ def _load_init(path: str, model_config, overrides: dict | None = None):
     return convert.load_init_weights(p, model_config, **{k: getattr(model_config, k) for k in chosen})
 
 
-def _eval_data(run, data: str | None, split: str):
-    from jaxrm.data import bundled_data_path, load_split
-    from jaxrm.tokenizer import get_tokenizer
+def _eval_path(run, data: str | None, split: str | None) -> tuple[str, str]:
+    """(the pairs `eval` scores, what they are). Default: the run's own data (TrainConfig.data /
+    eval_data; the bundled splits when it trained on them): its test split when it has one, else
+    its validation split. --data gives a file instead; --split with --data is an error."""
+    from jaxrm.data import bundled_data_path
 
-    path = data or str(bundled_data_path(split))
-    return path, load_split(run, get_tokenizer(run.train.tokenizer), path, path)[0]
+    if data:
+        if split:
+            raise ValueError(
+                "--split picks a split of the run's own data; with --data give the file itself "
+                "(or a saved datasets DIR:SPLIT)"
+            )
+        return data, "--data"
+    tc = run.train
+    files = {
+        "train": tc.data or str(bundled_data_path("train")),
+        "validation": tc.eval_data or ("" if tc.data else str(bundled_data_path("validation"))),
+        "test": "" if tc.data else str(bundled_data_path("test")),
+    }
+    split = split or ("test" if files["test"] else "validation")
+    if not files[split]:
+        has = ", ".join(k for k, v in files.items() if v)
+        raise ValueError(
+            f"the run trained on {tc.data} and has no {split} data (it has: {has}); "
+            "give --data PAIRS or --split " + "|".join(k for k, v in files.items() if v)
+        )
+    return files[split], f"the run's {split} data" + ("" if tc.data else ", bundled")
 
 
-def cmd_eval(args, extra) -> int:
+def _eval_run(run_dir, path: str, subset_key: str) -> dict:
+    """Load a run and score `path`'s pairs with it: {"report", "out" (per-pair arrays), "data"}."""
+    import dataclasses
+
     from jaxrm.config import EVAL_BATCH_SIZE
-    from jaxrm.evaluate import evaluate
+    from jaxrm.data import encode_run_pairs
+    from jaxrm.evaluate import per_pair_outputs, report
+    from jaxrm.formats import Columns, load_pairs
     from jaxrm.rundir import load_model
     from jaxrm.state import split_model
     from jaxrm.step import make_eval_step
+    from jaxrm.tokenizer import get_tokenizer
 
-    run, model = load_model(args.run_dir)
-    path, data = _eval_data(run, args.data, args.split)
+    run, model = load_model(run_dir)
+    cols = dataclasses.replace(Columns.from_train_config(run.train), subset=subset_key)
+    pairs = load_pairs(path, cols)
+    data = encode_run_pairs(run, get_tokenizer(run.train.tokenizer), pairs, path)[0]
     eval_step = make_eval_step(run.model, run.train)
-    result = evaluate(eval_step, split_model(model)[1], data, EVAL_BATCH_SIZE, train_config=run.train)
-    result = {"data": path, **result}
-    if args.json:
-        print(json.dumps(result))
+    out = per_pair_outputs(eval_step, split_model(model)[1], data, EVAL_BATCH_SIZE)
+    subsets = [pairs[i].subset for i in data.source_index]
+    return {"report": report(out, data, subsets, run.train), "out": out, "data": data}
+
+
+def _compare_runs(a: dict, b: dict) -> dict:
+    """compare() over the pairs both runs kept (their tokenizers / seq_len may drop different ones)."""
+    import numpy as np
+
+    from jaxrm.evaluate import compare
+
+    common, ia, ib = np.intersect1d(a["data"].source_index, b["data"].source_index, return_indices=True)
+    counted = ~a["out"]["identical"][ia] & ~b["out"]["identical"][ib]
+    correct = [r["out"]["chosen"][i] > r["out"]["rejected"][i] for r, i in ((a, ia), (b, ib))]
+    return compare(correct[0][counted], correct[1][counted])
+
+
+def cmd_eval(args, extra) -> int:
+    from jaxrm.eval_table import format_comparison, format_report
+    from jaxrm.rundir import read_config
+
+    dirs = [args.run_dir] + ([args.other_run] if args.other_run else [])
+    sources = [_eval_path(read_config(d), args.data, args.split) for d in dirs]
+    if len({path for path, _ in sources}) > 1:
+        raise ValueError(
+            f"the runs' own data differ ({sources[0][0]} vs {sources[1][0]}); "
+            "give --data PAIRS to compare them"
+        )
+    path, what = sources[0]
+    results = [_eval_run(d, path, args.subset_key) for d in dirs]
+    if args.plots:
+        _write_eval_plots(args.plots, dirs, results)
+    head = {"data": path, "data_source": what}
+    if len(dirs) == 1:
+        result = {**head, **results[0]["report"]}
+        print(json.dumps(result) if args.json else format_report(result))
         return 0
-    print(f"{'data':<14} {path}")
-    for key in (
-        "pairs",
-        "accuracy",
-        "loss",
-        "margin",
-        "chosen_mean",
-        "chosen_std",
-        "rejected_mean",
-        "rejected_std",
-    ):
-        value = result[key]
-        print(f"{key:<14} {value if isinstance(value, int) else f'{value:.4f}'}")
+    result = {**head, "runs": dirs, **_compare_runs(*results), "a": results[0]["report"]}
+    result["b"] = results[1]["report"]
+    print(json.dumps(result) if args.json else format_comparison(result))
     return 0
+
+
+def _write_eval_plots(plot_dir, dirs: list, results: list) -> None:
+    from jaxrm.eval_plots import write_plots
+
+    for i, r in enumerate(results):
+        out_dir = pathlib.Path(plot_dir) / ("ab"[i] if len(results) > 1 else "")
+        written = write_plots(out_dir, r["report"], r["out"], r["data"])
+        print(f"{dirs[i]}: wrote {', '.join(map(str, written))}", file=sys.stderr)
 
 
 def cmd_score(args, extra) -> int:
@@ -287,6 +352,14 @@ def _add_train(sub) -> None:
         "GPU; CPU runs are reproducible anyway)",
     )
     g.add_argument(
+        "--tensorboard",
+        nargs="?",
+        const="true",
+        metavar="BOOL",
+        help="also write TensorBoard event files into the run directory (needs tensorboardX: "
+        "pip install 'jaxrm[tensorboard]'); view with tensorboard --logdir runs",
+    )
+    g.add_argument(
         "--debug-checks",
         choices=["off", "checkify", "nans"],
         help="checkify: run each step under jax.experimental.checkify (out-of-range indices, NaNs, "
@@ -296,11 +369,26 @@ def _add_train(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="pairwise accuracy, loss and reward statistics of a trained run")
+    p = sub.add_parser(
+        "eval",
+        help="accuracy (95%% CI, ties), loss, reward statistics, subsets, length bias and calibration "
+        "of a trained run; with two runs, their comparison on the same pairs",
+    )
     p.add_argument("run_dir")
-    p.add_argument("--data", help="a pair file (or saved HF datasets DIR[:SPLIT]) instead of a bundled split")
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("other_run", nargs="?", help="a second run: compare the two on the same pairs")
+    p.add_argument(
+        "--data", help="a pair file (or saved HF datasets DIR[:SPLIT]) instead of the run's own data"
+    )
+    p.add_argument(
+        "--split",
+        choices=["train", "validation", "test"],
+        help="which of the run's own data (default: test, or validation for a run trained on --data)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--subset-key", default="subset", help="the data's column of subset labels")
+    p.add_argument(
+        "--plots", metavar="DIR", help="write PNGs: reliability diagram, reward histograms, reward vs length"
+    )
     p.set_defaults(func=cmd_eval)
 
 

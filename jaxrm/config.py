@@ -180,6 +180,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     log_every: int = 10
+    tensorboard: bool = False  # also write TensorBoard event files into the run directory (tensorboardX)
     nonfinite: str = "stop"  # stop | skip a step whose loss or gradient is NaN/inf
     max_nonfinite_skips: int = 10  # consecutive skips allowed with nonfinite="skip"
     deterministic: bool = False  # deterministic GPU ops (XLA_FLAGS, jaxrm/runtime.py); CPU is always

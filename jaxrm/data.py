@@ -10,6 +10,7 @@ rows 0..B-1 the chosen answers and rows B..2B-1 the rejected answers of the same
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ class EncodedPairs:
     chosen_lengths: np.ndarray  # (N,) int32, number of real tokens
     rejected_lengths: np.ndarray  # (N,) int32
     margins: np.ndarray  # (N,) float32, 0 where absent
+    source_index: np.ndarray | None = None  # (N,) int64: each pair's index in the list encode_pairs got
 
     def __len__(self):
         return self.chosen_ids.shape[0]
@@ -99,16 +101,17 @@ def encode_pairs(
     }
     if truncation == "left":
         stats["truncated_left"] = 0
-    kept = []  # (chosen ids, rejected ids, margin)
+    kept, kept_index = [], []  # (chosen ids, rejected ids, margin); its index in `pairs`
     for i, p in enumerate(pairs):
         where = pair_location(source, i, p, with_index=True)
         c, r = _checked_ids(p, tokenizer, where, pad_id=pad_id, vocab_size=vocab_size, lengths=lengths)
         fitted = _fit(c, r, seq_len, truncation, where, stats)
         if fitted is not None:
             kept.append((*fitted, 0.0 if p.margin is None else p.margin))
+            kept_index.append(i)
     if not kept:
         raise DataError(f"{source}: no pairs left after filtering ({stats})")
-    data = _padded(kept, seq_len, pad_id)
+    data = dataclasses.replace(_padded(kept, seq_len, pad_id), source_index=np.array(kept_index, np.int64))
     stats["pairs_kept"] = len(kept)
     stats["max_len"] = int(max(data.chosen_lengths.max(), data.rejected_lengths.max()))
     return data, stats
@@ -315,11 +318,16 @@ def eval_batches(data: EncodedPairs, batch_size: int) -> Iterator[dict]:
 def load_split(run: RunConfig, tokenizer, path: str, source: str) -> tuple[EncodedPairs, dict]:
     """The pairs of one file (or datasets DIR[:SPLIT]) for `run`: read with its column names,
     tokenized and padded to its seq_len (default block_size); (EncodedPairs, stats)."""
+    return encode_run_pairs(run, tokenizer, load_pairs(path, Columns.from_train_config(run.train)), source)
+
+
+def encode_run_pairs(run: RunConfig, tokenizer, pairs, source: str) -> tuple[EncodedPairs, dict]:
+    """encode_pairs with `run`'s settings: its seq_len (default block_size), PAD, truncation, lengths."""
     seq_len = run.train.seq_len or run.model.block_size
     if seq_len > run.model.block_size:
         raise ValueError(f"seq_len={seq_len} exceeds the model's block_size={run.model.block_size}")
     return encode_pairs(
-        load_pairs(path, Columns.from_train_config(run.train)),
+        pairs,
         tokenizer,
         seq_len=seq_len,
         pad_id=run.model.pad_id,

@@ -21,6 +21,8 @@ Rows (column names configurable, see Columns / TrainConfig.*_key):
         the rendered texts are split as implicit prompts;
     pre-tokenized       {"input_ids_chosen": [ids], "input_ids_rejected": [ids]} (text columns optional);
     margin              an optional number per pair ("margin"); empty / null = none.
+    subset              an optional label per pair ("subset", e.g. RewardBench's subset names); `jaxrm
+        eval` reports accuracy per label; empty / null = none. A number is read as its text.
 A sequence is tokenizer.encode(prompt + answer) (or the given ids): the prompt split changes no
 token; it is what lint reports and what prompt truncation may cut.
 Locations in errors: "FILE:LINE" for JSON Lines, "FILE: row N" (1-based, header excluded) otherwise.
@@ -55,6 +57,7 @@ class PreferencePair:
     line: int | None = field(default=None, compare=False, repr=False)  # 1-based line (JSONL) or row
     chosen_ids: tuple | None = None  # pre-tokenized sequences: used instead of encode(prompt + answer)
     rejected_ids: tuple | None = None
+    subset: str | None = field(default=None, compare=False)  # the "subset" column: a label for eval's tables
 
 
 def pair_location(source: str, i: int, pair, with_index: bool = False) -> str:
@@ -86,6 +89,7 @@ class Columns:
     chosen: str = "chosen"
     rejected: str = "rejected"
     margin: str = "margin"
+    subset: str = "subset"
     chosen_ids: str = "input_ids_chosen"
     rejected_ids: str = "input_ids_rejected"
 
@@ -210,6 +214,18 @@ def _margin(obj, key, where):
     return value
 
 
+def _subset(obj, key, where) -> str | None:
+    """The pair's subset label: a string (a whole number is read as its text); None when absent or empty."""
+    value = obj.get(key)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(
+            f"{where}: {key!r} must be a string label, got {type(value).__name__} {str(value)[:40]}"
+        )
+    return str(value)
+
+
 def _pre_tokenized(keys, cols: Columns) -> bool:
     """Rows with either ids column are read as pre-tokenized (their text columns are optional)."""
     return cols.chosen_ids in keys or cols.rejected_ids in keys
@@ -234,6 +250,7 @@ def row_to_pair(obj, where: str, row: int, cols: Columns = Columns()) -> Prefere
             f"{where}: missing key(s) {', '.join(map(repr, missing))}; keys found: "
             f"{', '.join(map(repr, obj)) or 'none'}"
         )
+    subset = _subset(obj, cols.subset, where)
     if _pre_tokenized(obj, cols):
         return PreferencePair(
             "",
@@ -243,14 +260,15 @@ def row_to_pair(obj, where: str, row: int, cols: Columns = Columns()) -> Prefere
             line=row,
             chosen_ids=_ids(obj, cols.chosen_ids, where),
             rejected_ids=_ids(obj, cols.rejected_ids, where),
+            subset=subset,
         )
     chosen = _text(obj, cols.chosen, where)
     rejected = _text(obj, cols.rejected, where)
     if cols.prompt in obj:
         prompt = _text(obj, cols.prompt, where)
-        return PreferencePair(prompt, chosen, rejected, margin, line=row)
+        return PreferencePair(prompt, chosen, rejected, margin, line=row, subset=subset)
     prompt, chosen, rejected = split_common_prefix(chosen, rejected)
-    return PreferencePair(prompt, chosen, rejected, margin, line=row)
+    return PreferencePair(prompt, chosen, rejected, margin, line=row, subset=subset)
 
 
 # ----------------------------------------------------------------------------- readers

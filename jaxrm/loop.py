@@ -24,7 +24,7 @@ from jaxrm.data import BatchIterator, bundled_data_path, load_split
 from jaxrm.evaluate import evaluate
 from jaxrm.model import RewardModel
 from jaxrm.optim import describe_decay
-from jaxrm.report import MetricsLog, Progress, plot_curves
+from jaxrm.report import MetricsLog, Progress, TensorBoardLog, plot_curves
 from jaxrm.runtime import use_deterministic_ops
 from jaxrm.state import TrainState, abstract_train_state, init_train_state, merge_model
 from jaxrm.step import TrainingError, make_eval_step, make_train_step
@@ -44,6 +44,8 @@ class RunLog:
         self.progress = Progress(tc.max_steps, tc.log_every)
         self.log = log
         self.metrics = None  # MetricsLog, from open()
+        self.tensorboard = None  # TensorBoardLog, from open() when tc.tensorboard
+        self.tensorboard_on = tc.tensorboard
         self.last_time = time.time()
 
     def say(self, text: str, every_process: bool = False) -> None:
@@ -55,7 +57,13 @@ class RunLog:
     def open(self, path, resume_step: int | None) -> None:
         """Start metrics.jsonl; when resuming, keep its rows up to `resume_step`."""
         self.metrics = MetricsLog(path if self.primary else os.devnull, resume_step)
+        if self.tensorboard_on and self.primary:  # event files beside metrics.jsonl
+            self.tensorboard = TensorBoardLog(pathlib.Path(path).parent, resume_step)
         self.last_time = time.time()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def host_metrics(self, metrics: dict, tokens: int) -> dict:
         """A step's metrics as floats, with tokens_per_s since the previous step was read."""
@@ -67,11 +75,15 @@ class RunLog:
 
     def train(self, step: int, metrics: dict) -> None:
         self.metrics.write({"kind": "train", "step": step, **metrics})
+        if self.tensorboard is not None:
+            self.tensorboard.write("train", step, metrics)
         if self.primary:
             self.progress.update(step, metrics)
 
     def eval(self, step: int, result: dict) -> None:
         self.metrics.write({"kind": "eval", "step": step, **result})
+        if self.tensorboard is not None:
+            self.tensorboard.write("validation", step, result)
         self.say(
             f"step {step}: validation accuracy {result['accuracy']:.4f} loss {result['loss']:.4f} "
             f"({result['pairs']} pairs)"
@@ -162,6 +174,7 @@ RESUMABLE_CHANGES = {
     "checkpoint_every",
     "keep_checkpoints",
     "log_every",
+    "tensorboard",
     "nonfinite",
     "max_nonfinite_skips",
     "mesh_data",
@@ -317,6 +330,7 @@ def _finish(
     if log.primary:
         (out / rundir.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     loop.checkpoints.close()
+    log.close()
     return summary
 
 

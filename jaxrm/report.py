@@ -1,4 +1,4 @@
-"""What a run shows and leaves behind: progress lines, metrics.jsonl, curves.png."""
+"""What a run shows and leaves behind: progress lines, metrics.jsonl, TensorBoard events, curves.png."""
 
 from __future__ import annotations
 
@@ -63,6 +63,36 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class TensorBoardLog:
+    """Scalars as TensorBoard event files in `logdir` (`tensorboard --logdir runs` shows each run):
+    train/{loss, accuracy, lr, grad_norm, margin, tokens_per_s}, validation/{loss, accuracy, margin}.
+    Needs tensorboardX (the `tensorboard` extra), imported only here. When resuming, events past
+    `resume_step` from the interrupted run are purged by TensorBoard (purge_step)."""
+
+    KEYS = {"train": ("loss", "accuracy", "lr", "grad_norm", "margin", "tokens_per_s"), "validation": None}
+
+    def __init__(self, logdir, resume_step: int | None = None):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise ValueError(
+                "tensorboard=true needs the tensorboardX package: pip install 'jaxrm[tensorboard]'"
+            ) from None
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(str(logdir), purge_step=purge, flush_secs=30)
+
+    def write(self, group: str, step: int, metrics: dict) -> None:
+        keys = self.KEYS.get(group) or ("loss", "accuracy", "margin")
+        for key in keys:
+            if isinstance(metrics.get(key), (int, float)):
+                self.writer.add_scalar(f"{group}/{key}", float(metrics[key]), step)
+        if group != "train":
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def read_metrics(path) -> list[dict]:
