@@ -320,6 +320,9 @@ class _Loop:
                     pending = None
                     self.save(step, state)
                 if validation is not None and (step % tc.eval_every == 0 or at_end):
+                    if pending is not None:  # the step's line first, then its validation line
+                        self.report(*pending)
+                        pending = None
                     params = host_params(state.params, self.mesh)
                     self.log.eval(step, self.evaluate(params, validation, tc.eval_pairs))
                 if preemption.received:

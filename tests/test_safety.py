@@ -293,3 +293,49 @@ def test_readme_python_api_example_runs():
     exec(compile(code, "README.md (Python API)", "exec"), namespace)
     out, input_ids = namespace["out"], namespace["input_ids"]
     assert np.isfinite(float(out.loss)) and out.chosen_end_scores.shape == (input_ids.shape[0] // 2,)
+
+
+# rough edges
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--learning_rate=-1"], "TrainConfig.learning_rate must be > 0, got -1.0"),
+        (["--max_steps", "x"], "config key 'max_steps' needs a int"),  # `--key value` is read as --key=value
+    ],
+)
+def test_bad_settings_name_the_right_key(finished, tmp_path, capsys, extra, message):
+    assert cli.main(train_argv(finished[0], tmp_path / "run", *extra)) == 2
+    assert f"jaxrm train: error: {message}" in capsys.readouterr().err
+
+
+def test_corrupt_init_file_never_suggests_unsafe_loading(finished, tmp_path, capsys):
+    pytest.importorskip("torch")
+    bad = tmp_path / "w.pt"
+    bad.write_bytes(b"\x80\x02not a pickle at all" * 10)
+    assert cli.main(train_argv(finished[0], tmp_path / "run", "--init", str(bad))) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "weights_only=False" not in err
+
+
+def test_score_reads_chats_and_input_errors_are_prefixed(finished, tmp_path, capsys):
+    texts = tmp_path / "texts.jsonl"
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "fine!"}]
+    texts.write_text(json.dumps({"messages": chat}) + "\n" + json.dumps("plain!") + "\n")
+    assert cli.main(["score", str(finished[1]), "--input", str(texts)]) == 0
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["text"] for r in rows] == [chat, "plain!"] and "loaded" in err and "step 2" in err
+    assert cli.main(["score", str(finished[1]), "--input", str(tmp_path / "none.jsonl")]) == 2
+    assert "jaxrm score: error: --input" in capsys.readouterr().err
+
+
+def test_rerunning_a_finished_run_says_no_step_ran(finished, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished[1], run)
+    assert cli.main(train_argv(finished[0], run)) == 0
+    out = capsys.readouterr().out
+    assert "no step to train: the run was already at step 2" in out and "wall time" not in out
