@@ -260,6 +260,13 @@ class Checkpointer:
         self.manager.close()
 
 
+def file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (0o644 under umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_safetensors(state_dict: dict[str, np.ndarray], path, metadata: dict[str, str] | None = None) -> None:
     """Weights under torchref's state_dict keys; written to a temp file and renamed (atomic)."""
     from safetensors.numpy import save_file
@@ -269,6 +276,22 @@ def save_safetensors(state_dict: dict[str, np.ndarray], path, metadata: dict[str
     digests = json.dumps({k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in tensors.items()})
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={**(metadata or {}), TENSOR_SHA256: digests})
+    os.chmod(tmp, file_mode())  # safetensors creates its files 0600; ours follow the umask like any other
+    tmp.replace(path)
+
+
+def save_torch(state_dict: dict[str, np.ndarray], path) -> None:
+    """A torch state_dict file (.pt: tensors only, so torch.load(weights_only=True) reads it); atomic."""
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"{path}: writing a .pt file needs torch (pip install torch); or use .safetensors"
+        ) from None
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}, str(tmp))
+    os.chmod(tmp, file_mode())
     tmp.replace(path)
 
 

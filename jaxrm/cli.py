@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
+import textwrap
+import traceback
 
 from jaxrm.config import COORDINATOR_TIMEOUT_S
+from jaxrm.signals import Preemption
 
 EPILOG = """examples:
   jaxrm train                                   # the default preset on the bundled human-rated pairs
@@ -18,13 +22,19 @@ EPILOG = """examples:
 """
 
 
+class UsageError(ValueError):
+    """A command used wrongly: printed as `jaxrm CMD: error: ...`, exit code 2."""
+
+
 def _split_overrides(extra: list[str]) -> dict[str, str]:
-    overrides = {}
-    for item in extra:
+    """`--key=value` and `--key value` config overrides."""
+    overrides, items = {}, list(extra)
+    while items:
+        item = items.pop(0)
+        if item.startswith("--") and "=" not in item and items and not items[0].startswith("--"):
+            item = f"{item}={items.pop(0)}"
         if not item.startswith("--") or "=" not in item:
-            raise SystemExit(
-                f"jaxrm train: unrecognized argument {item!r}; config overrides look like --key=value"
-            )
+            raise UsageError(f"unrecognized argument {item!r}; config overrides look like --key=value")
         key, value = item[2:].split("=", 1)
         overrides[key.replace("-", "_")] = value
     return overrides
@@ -55,6 +65,10 @@ def cmd_train(args, extra) -> int:
         overrides["data"] = args.data
     run = run_preset(preset).override(overrides)
     out = pathlib.Path(args.out or f"runs/{preset}")
+    if args.init:
+        from jaxrm.destinations import check_init_and_out
+
+        check_init_and_out(pathlib.Path(args.init), out)
     init_model = _load_init(args.init, run.model, overrides) if args.init else None
     if (
         init_model is not None and init_model.config != run.model
@@ -62,7 +76,7 @@ def cmd_train(args, extra) -> int:
         import dataclasses
 
         run = dataclasses.replace(run, model=init_model.config)
-    summary = fit(run, out, init_model=init_model)
+    summary = fit(run, out, init_model=init_model, allow_data_change=args.allow_data_change)
     import jax
 
     if jax.process_index() != 0:  # several processes: process 0 reports
@@ -74,7 +88,12 @@ def cmd_train(args, extra) -> int:
             s = summary[split]
             accuracy = f"pairwise accuracy {s['accuracy']:.4f} on {s['pairs']} pairs"
             print(f"{split:>10}: {accuracy}, loss {s['loss']:.4f}")
-    print(f"wall time {summary['wall_time_s']:.0f} s for {summary['steps']} steps")
+    if summary["new_steps"]:
+        print(f"wall time {summary['wall_time_s']:.0f} s for {summary['new_steps']} steps")
+    else:
+        print(
+            f"no step to train: the run was already at step {summary['steps']} (raise --max_steps to go on)"
+        )
     return 0
 
 
@@ -89,14 +108,17 @@ def _load_init(path: str, model_config, overrides: dict | None = None):
 
     p = pathlib.Path(path)
     if p.is_dir() and (p / CONFIG).is_file() and "model_type" not in json.loads((p / CONFIG).read_text()):
-        return load_model(p)[1]
+        return load_model(p, say=lambda text: print(f"--init: {text}"))[1]
     model_keys = {f.name for f in dataclasses.fields(model_config)}
     chosen = {
         key.split(".", 1)[-1]
         for key in (overrides or {})
         if key.split(".", 1)[-1] in model_keys and not key.startswith("train.")
     }
-    return convert.load_init_weights(p, model_config, **{k: getattr(model_config, k) for k in chosen})
+    model = convert.load_init_weights(p, model_config, **{k: getattr(model_config, k) for k in chosen})
+    c = model.config
+    print(f"--init: loaded {p} ({c.num_layer} layers, d_model {c.d_model}, vocab_size {c.vocab_size})")
+    return model
 
 
 def _eval_path(run, data: str | None, split: str | None) -> tuple[str, str]:
@@ -141,7 +163,7 @@ def _eval_run(run_dir, path: str, subset_key: str) -> dict:
     from jaxrm.step import make_eval_step
     from jaxrm.tokenizer import get_tokenizer
 
-    run, model = load_model(run_dir)
+    run, model = load_model(run_dir, say=_note("eval"))
     cols = dataclasses.replace(Columns.from_train_config(run.train), subset=subset_key)
     pairs = load_pairs(path, cols)
     data = encode_run_pairs(run, get_tokenizer(run.train.tokenizer), pairs, path)[0]
@@ -198,40 +220,56 @@ def _write_eval_plots(plot_dir, dirs: list, results: list) -> None:
         print(f"{dirs[i]}: wrote {', '.join(map(str, written))}", file=sys.stderr)
 
 
+def _note(command: str):
+    """A `say` for what a command loaded: to stderr, so that stdout stays the command's output."""
+    return lambda text: print(f"jaxrm {command}: {text}", file=sys.stderr)
+
+
 def cmd_score(args, extra) -> int:
     from jaxrm.rundir import load_model
     from jaxrm.score import score_texts
 
-    texts = list(args.texts)
+    items = [(t, t) for t in args.texts]  # (what is printed as "text", what is scored before --prompt)
     if args.input:
-        texts += _read_texts(args.input)
-    if not texts:
-        raise SystemExit("jaxrm score: give texts as arguments or --input FILE.jsonl")
-    run, model = load_model(args.run_dir)
+        items += _read_texts(args.input)
+    if not items:
+        raise UsageError("give texts as arguments or --input FILE.jsonl")
+    run, model = load_model(args.run_dir, say=_note("score"))
     prompt = args.prompt if args.prompt is not None else ("" if run.train.data else "Sentence: ")
-    for text, reward in zip(texts, score_texts(model, run, [prompt + t for t in texts])):
-        print(json.dumps({"text": text, "reward": reward}))
+    texts = [t if isinstance(shown, list) else prompt + t for shown, t in items]  # chats carry their prompt
+    for (shown, _), reward in zip(items, score_texts(model, run, texts)):
+        print(json.dumps({"text": shown, "reward": reward}))
     return 0
 
 
-def _read_texts(path: str) -> list[str]:
-    """JSON Lines with a "text" field (or plain strings), one per line."""
-    texts = []
+def _read_texts(path: str) -> list[tuple]:
+    """JSON Lines, one text per line: a string, an object with a "text" string, or a chat (a list of
+    {"role", "content"} messages, or an object with one as "messages" or "text"), rendered as in
+    training. [(the item as given, the text to score)]."""
+    from jaxrm.formats import DataError, render_chat
+
+    items = []
     p = pathlib.Path(path)
     if not p.is_file():
-        raise SystemExit(f"{path}: no such file")
+        raise UsageError(f"--input {path}: no such file")
     for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
         except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-        text = item.get("text") if isinstance(item, dict) else item
-        if not isinstance(text, str):
-            raise SystemExit(f'{path}:{lineno}: expected a string or an object with a "text" string')
-        texts.append(text)
-    return texts
+            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        text = item.get("text", item.get("messages")) if isinstance(item, dict) else item
+        if isinstance(text, list):
+            items.append((text, render_chat(text, f"{path}:{lineno}", "messages")))
+        elif isinstance(text, str):
+            items.append((text, text))
+        else:
+            raise DataError(
+                f'{path}:{lineno}: expected a string, an object with a "text" string, or a chat '
+                f'(a list of {{"role", "content"}} messages, or an object with "messages")'
+            )
+    return items
 
 
 def cmd_lint(args, extra) -> int:
@@ -244,18 +282,21 @@ def cmd_lint(args, extra) -> int:
     for item in args.column or []:
         name, _, col = item.partition("=")
         if name not in Columns.__dataclass_fields__ or not col:
-            raise SystemExit(
-                f"jaxrm lint: --column {item!r}: expected NAME=COLUMN with NAME one of "
+            raise UsageError(
+                f"--column {item!r}: expected NAME=COLUMN with NAME one of "
                 f"{', '.join(Columns.__dataclass_fields__)}"
             )
         columns[name] = col
-    tokenizer = get_tokenizer(args.tokenizer)
-    vocab_size = args.vocab_size or tokenizer.vocab_size
+    from jaxrm.config import DEFAULT_RUN_PRESET, run_preset
+
+    run = run_preset(args.preset or DEFAULT_RUN_PRESET)  # what `jaxrm train --preset` would use
+    tokenizer = get_tokenizer(args.tokenizer or run.train.tokenizer)
+    vocab_size = args.vocab_size or max(run.model.vocab_size, tokenizer.vocab_size)
     against = load_pairs(args.against, Columns(**columns)) if args.against else None
     report = lint_pairs(
         load_pairs(args.data, Columns(**columns)),
         tokenizer,
-        seq_len=args.seq_len,
+        seq_len=args.seq_len or run.train.seq_len or run.model.block_size,
         vocab_size=vocab_size,
         source=args.data,
         against=against,
@@ -266,22 +307,20 @@ def cmd_lint(args, extra) -> int:
 
 
 def cmd_convert(args, extra) -> int:
+    from jaxrm.destinations import convert_target
     from jaxrm.rundir import export_weights, load_model
 
     src = pathlib.Path(args.src)
     if not src.is_dir():
-        raise SystemExit(f"jaxrm convert: {src} is not a run directory")
-    _, model = load_model(src)
-    dst = pathlib.Path(args.dst)
-    if args.to == "hf-seq-cls":
+        raise UsageError(f"{src} is not a run directory")
+    to, path = convert_target(src, pathlib.Path(args.dst), args.to, args.force)
+    _, model = load_model(src, say=_note("convert"))
+    if to == "hf-seq-cls":
         from jaxrm.convert import export_hf_sequence_classification
 
-        if dst.suffix:
-            raise SystemExit(f"jaxrm convert --to hf-seq-cls: {dst} should be a directory (no suffix)")
-        export_hf_sequence_classification(model, dst)
-        print(f"wrote {dst}/ (config.json, model.safetensors: transformers GPT2ForSequenceClassification)")
+        export_hf_sequence_classification(model, path)
+        print(f"wrote {path}/ (config.json, model.safetensors: transformers GPT2ForSequenceClassification)")
         return 0
-    path = dst if dst.suffix == ".safetensors" else dst / "model.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     export_weights(None, model, path)
     print(f"wrote {path} (torchref state_dict keys)")
@@ -310,7 +349,12 @@ def cmd_bench(args, extra) -> int:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a reward model (resumes if --out has checkpoints)")
+    p = sub.add_parser(
+        "train",
+        help="train a reward model (resumes if --out has checkpoints)",
+        epilog=_config_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--preset", help="base (default, ~10 min on 2 CPU cores) | tiny | small | gpt2")
     p.add_argument(
         "--data",
@@ -322,7 +366,16 @@ def _add_train(sub) -> None:
         help="initial weights: run dir, transformers GPT-2 dir, nanoGPT ckpt.pt, "
         "or .safetensors/.pt state_dict (torchref keys)",
     )
-    p.add_argument("--out", help="run directory (default runs/PRESET)")
+    p.add_argument(
+        "--out",
+        help="run directory (default runs/PRESET): new, empty, or an earlier jaxrm run (resumed); "
+        "any other directory is refused",
+    )
+    p.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="resume although the training data differs from the data the checkpoint was trained on",
+    )
     g = p.add_argument_group(
         "several processes (README: Multiple devices and hosts); the mesh is --mesh_data=N --mesh_fsdp=M"
     )
@@ -397,7 +450,11 @@ def _add_score(sub) -> None:
     p.add_argument("run_dir")
     p.add_argument("texts", nargs="*")
     p.add_argument("--input", help='JSON Lines with a "text" field per line')
-    p.add_argument("--prompt", help='prefix for every text (default: the bundled data\'s "Sentence: ")')
+    p.add_argument(
+        "--prompt",
+        help='prefix for every plain text (default: "Sentence: " for a run trained on the bundled '
+        "data, whose pairs carry it; none for a run trained on --data); chats are scored as rendered",
+    )
     p.set_defaults(func=cmd_score)
 
 
@@ -408,12 +465,17 @@ def _add_lint(sub) -> None:
         "end-of-text inside texts, divergence at 0, duplicates",
     )
     p.add_argument("data")
-    p.add_argument("--tokenizer", default="gpt2", help="gpt2 | byte | path/to/tokenizer.json")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--tokenizer", help="gpt2 | byte | path/to/tokenizer.json (default: the preset's)")
+    p.add_argument(
+        "--preset",
+        help="use the seq_len, vocab_size and tokenizer `jaxrm train --preset NAME` uses (default base); "
+        "the options below override it",
+    )
+    p.add_argument("--seq-len", type=int, help="the padded length; default: the preset's")
     p.add_argument(
         "--vocab-size",
         type=int,
-        help="the model's vocab_size (PAD = vocab_size - 1); default: the tokenizer's",
+        help="the model's vocab_size (PAD = vocab_size - 1); default: the preset's",
     )
     p.add_argument("--against", help="another pair file (e.g. the test split): report texts found in both")
     p.add_argument("--column", action="append", help="column name, e.g. --column chosen=good (repeatable)")
@@ -433,11 +495,12 @@ def _add_convert(sub) -> None:
     p.add_argument("dst")
     p.add_argument(
         "--to",
-        default="torchref",
         choices=["torchref", "hf-seq-cls"],
-        help="torchref: one .safetensors state_dict; hf-seq-cls: a transformers "
-        "GPT2ForSequenceClassification directory",
+        help="torchref: one .safetensors or .pt state_dict (or DIR/model.safetensors); hf-seq-cls: a "
+        "transformers GPT2ForSequenceClassification directory. Default: the destination's format "
+        "(an existing transformers directory is hf-seq-cls), else torchref",
     )
+    p.add_argument("--force", action="store_true", help="replace an existing destination")
     p.set_defaults(func=cmd_convert)
 
 
@@ -448,6 +511,29 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=cmd_bench, extra_ok=True)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jaxrm")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _config_keys_help() -> str:
+    """The --key=value config keys with the default preset's values (train --help)."""
+    import dataclasses
+
+    from jaxrm.config import DEFAULT_RUN_PRESET, run_preset
+
+    run = run_preset(DEFAULT_RUN_PRESET)
+    lines = [f"config keys (--key=value; values of the default preset {DEFAULT_RUN_PRESET!r}):"]
+    for section, config in (("model", run.model), ("train", run.train)):
+        items = [f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)]
+        lines.append(f"  {section}: " + ", ".join(items))
+    return "\n".join(textwrap.fill(line, 100, subsequent_indent="    ") for line in lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxrm",
@@ -455,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"jaxrm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
@@ -466,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Exit codes: 0 done, 2 usage or data errors, 1 internal failures, 75 preempted (run the same
+    command again to resume); every message is prefixed `jaxrm COMMAND:`. Ctrl-C or SIGTERM at any
+    moment gives such a message, never a traceback."""
     from jaxrm import runtime
 
     runtime.setup(tcmalloc=argv is None)  # the console script only: never re-exec a host program
@@ -476,18 +566,37 @@ def main(argv=None) -> int:
         extra = [e for e in extra if e.startswith("-")]
     if extra and not getattr(args, "extra_ok", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "train":  # a signal is recorded from now on; fit stops at its next safe point
+        with Preemption():
+            return _run(args, extra)
+    try:
+        return _run(args, extra)
+    except KeyboardInterrupt:
+        print(f"\njaxrm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args, extra) -> int:
+    """args.func, its errors turned into prefixed messages and exit codes."""
     from jaxrm.checkpoint import CheckpointError
-    from jaxrm.formats import DataError
     from jaxrm.loop import Preempted, TrainingError
+    from jaxrm.runlock import RunLocked
 
     try:
         return args.func(args, extra)
     except Preempted as e:
-        print(f"\njaxrm: preempted: {e}", file=sys.stderr)
+        print(f"\njaxrm {args.command}: preempted: {e}", file=sys.stderr)
         return 75  # EX_TEMPFAIL: run again to resume
-    except (DataError, CheckpointError, TrainingError, ValueError, OSError) as e:  # OSError: disk full, ...
+    except BrokenPipeError:  # `jaxrm lint --json | head`: the reader stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (CheckpointError, TrainingError, RunLocked, ValueError, OSError) as e:  # DataError is a ValueError
         print(f"\njaxrm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        traceback.print_exc()
+        print(f"\njaxrm {args.command}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -219,6 +219,8 @@ class TrainConfig:
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.min_lr <= self.learning_rate:
             raise ValueError(
                 f"TrainConfig.min_lr={self.min_lr} must be in [0, learning_rate={self.learning_rate}]"

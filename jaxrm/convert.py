@@ -131,10 +131,12 @@ def torch_load_weights_only(path):
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for anything that is not plain weights
+        first = str(e).splitlines()[0] if str(e) else ""
+        if "weights_only" in str(e):  # torch's advice to load with weights_only=False: never for jaxrm
+            first = "it is damaged, or a pickle that would import or call code"
         raise ConversionError(
             f"{path}: refused to load: not a plain weights file that "
-            f"torch.load(weights_only=True) accepts ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''})"
+            f"torch.load(weights_only=True) accepts ({type(e).__name__}: {first})"
         ) from None
 
 

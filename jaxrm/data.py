@@ -98,6 +98,7 @@ def encode_pairs(
         "dropped_too_long": 0,
         "dropped_identical": 0,
         "max_len": 0,
+        "with_margin": 0,  # kept pairs that have a margin
     }
     if truncation == "left":
         stats["truncated_left"] = 0
@@ -109,6 +110,7 @@ def encode_pairs(
         if fitted is not None:
             kept.append((*fitted, 0.0 if p.margin is None else p.margin))
             kept_index.append(i)
+            stats["with_margin"] += p.margin is not None
     if not kept:
         raise DataError(f"{source}: no pairs left after filtering ({stats})")
     data = dataclasses.replace(_padded(kept, seq_len, pad_id), source_index=np.array(kept_index, np.int64))

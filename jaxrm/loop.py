@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import signal
+import sys
 import time
 
 import jax
@@ -21,11 +21,15 @@ from jaxrm import sharding as shd
 from jaxrm.checkpoint import Checkpointer
 from jaxrm.config import EVAL_BATCH_SIZE, ModelConfig, RunConfig, TrainConfig
 from jaxrm.data import BatchIterator, bundled_data_path, load_split
+from jaxrm.dataid import data_change, data_identity
 from jaxrm.evaluate import evaluate
+from jaxrm.formats import DataError
 from jaxrm.model import RewardModel
-from jaxrm.optim import describe_decay
+from jaxrm.optim import describe_decay, learning_rate
 from jaxrm.report import MetricsLog, Progress, TensorBoardLog, plot_curves
+from jaxrm.runlock import RunLock
 from jaxrm.runtime import use_deterministic_ops
+from jaxrm.signals import Preemption
 from jaxrm.state import TrainState, abstract_train_state, init_train_state, merge_model
 from jaxrm.step import TrainingError, make_eval_step, make_train_step
 from jaxrm.tokenizer import get_tokenizer
@@ -90,26 +94,6 @@ class RunLog:
         )
 
 
-class Preemption:
-    """A context: inside it SIGTERM and SIGINT are recorded (`received`: the first one's number,
-    else None) instead of ending the process; the previous handlers are restored on exit."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __enter__(self) -> Preemption:
-        self.received = None
-        self._previous = {sig: signal.signal(sig, self._record) for sig in self.SIGNALS}
-        return self
-
-    def _record(self, signum, frame) -> None:
-        if self.received is None:
-            self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 class NonFinitePolicy:
     """TrainConfig.nonfinite, for a step whose loss or gradient norm was NaN / inf (the step left
     params and optimizer state as they were): "stop" raises TrainingError; "skip" goes on, up to
@@ -147,7 +131,8 @@ class NonFinitePolicy:
 
 
 def load_run_data(run: RunConfig, say):
-    """(tokenizer, train pairs, validation pairs or None) of `run`; default: the bundled splits."""
+    """(tokenizer, train pairs, validation pairs or None, the train data's identity) of `run`;
+    default: the bundled splits."""
     tc, mc = run.train, run.model
     tokenizer = get_tokenizer(tc.tokenizer)
     if tokenizer.vocab_size > mc.vocab_size:
@@ -161,14 +146,21 @@ def load_run_data(run: RunConfig, say):
         f"train data {train_path}: {stats['pairs_kept']} pairs (dropped {stats['dropped_too_long']} "
         f"too long, {stats['dropped_identical']} identical)"
     )
+    if tc.use_margins and stats["with_margin"] < stats["pairs_kept"]:
+        raise DataError(
+            f"{train_path}: use_margins=true, but {stats['pairs_kept'] - stats['with_margin']} of "
+            f"{stats['pairs_kept']} pairs have no margin (column {tc.margin_key!r}); give every pair a "
+            f"margin, or train without --use_margins"
+        )
     val_path = tc.eval_data or ("" if tc.data else str(bundled_data_path("validation")))
     validation = load_split(run, tokenizer, val_path, val_path)[0] if val_path else None
-    return tokenizer, train, validation
+    return tokenizer, train, validation, data_identity(train_path, train)
 
 
 # keys that may change between a run and its resume; any other difference is another run
 RESUMABLE_CHANGES = {
-    "max_steps",
+    "max_steps",  # with the same schedule (check_schedule)
+    "lr_decay_steps",
     "eval_every",
     "eval_pairs",
     "checkpoint_every",
@@ -198,10 +190,50 @@ def config_differences(saved: dict, run: RunConfig) -> list[str]:
     ]
 
 
-def _check_resumable(checkpoints: Checkpointer, step: int, run: RunConfig, out: pathlib.Path) -> None:
+def check_schedule(saved: TrainConfig, tc: TrainConfig, step: int, say) -> None:
+    """A resume may change max_steps (and lr_decay_steps) only if the learning-rate schedule stays
+    the same; says what happens to it, or raises TrainingError saying what would change and how to
+    keep it."""
+    if saved.decay_steps == tc.decay_steps:
+        if saved.max_steps != tc.max_steps:
+            say(
+                f"max_steps {saved.max_steps} -> {tc.max_steps}: the learning-rate schedule is unchanged "
+                f"(warmup {tc.warmup_steps} steps, cosine decay to min_lr {tc.min_lr:g} at step "
+                f"{tc.decay_steps}, then flat)"
+            )
+        return
+    lr = lambda c: float(
+        learning_rate(
+            step,
+            peak=c.learning_rate,
+            min_lr=c.min_lr,
+            warmup_steps=c.warmup_steps,
+            decay_steps=c.decay_steps,
+        )
+    )
+    raise TrainingError(
+        f"max_steps {saved.max_steps} -> {tc.max_steps} (lr_decay_steps {saved.lr_decay_steps} -> "
+        f"{tc.lr_decay_steps}) changes the learning rate schedule, which decays over "
+        f"{saved.decay_steps} steps: the lr of step {step + 1} would be {lr(tc):.3g} instead of "
+        f"{lr(saved):.3g}. To keep the schedule add --lr_decay_steps={saved.decay_steps} (the lr stays "
+        f"at min_lr={saved.min_lr:g} after step {saved.decay_steps}); or start a new run with another --out"
+    )
+
+
+def _check_resumable(
+    checkpoints: Checkpointer,
+    step: int,
+    run: RunConfig,
+    out: pathlib.Path,
+    data: dict,
+    allow_data_change: bool,
+    say,
+) -> None:
     where = checkpoints.step_dir(step)
+    meta = checkpoints.read_meta(step)
     try:
-        differences = config_differences(checkpoints.read_meta(step).get("config", {}), run)
+        differences = config_differences(meta.get("config", {}), run)
+        saved = RunConfig.from_dict(meta.get("config", {})).train
     except (TypeError, ValueError) as e:
         raise TrainingError(
             f"{where}: the checkpoint's config is not one this version of jaxrm can read "
@@ -212,6 +244,16 @@ def _check_resumable(checkpoints: Checkpointer, step: int, run: RunConfig, out: 
             f"{out} holds a run with another config ({'; '.join(differences)}); "
             f"use another --out or the same settings"
         )
+    check_schedule(saved, run.train, step, say)
+    change = data_change(meta.get("data_identity"), data)
+    if change and not allow_data_change:
+        raise TrainingError(
+            f"{out}: the training data changed since checkpoint step {step}: {change}. Resume on it "
+            f"anyway with --allow-data-change (the data order restarts from the saved position), or "
+            f"use another --out"
+        )
+    if change:
+        say(f"data changed, resuming anyway (--allow-data-change): {change}")
 
 
 def resume_or_init(
@@ -222,9 +264,12 @@ def resume_or_init(
     mesh,
     init_model: RewardModel | None,
     log: RunLog,
+    data: dict,
+    allow_data_change: bool = False,
 ) -> tuple[TrainState, int | None]:
     """(state, resumed step): the latest intact checkpoint's, with `batches` moved to its data
-    position, when its config matches `run`; else (a fresh state, None) and config.json written."""
+    position, when its config, schedule and data (`data`: its identity) match `run`; else (a fresh
+    state, None) and config.json written."""
     tc, mc = run.train, run.model
     step = checkpoints.latest_intact_step(log.say)  # skips (and reports) incomplete or corrupt steps
     if step is None:
@@ -233,10 +278,13 @@ def resume_or_init(
             rundir.write_config(out, run)
         log.say(describe_decay(state.params))
         return state, None
-    _check_resumable(checkpoints, step, run, out)
+    _check_resumable(checkpoints, step, run, out, data, allow_data_change, log.say)
     target = shd.abstract_with_shardings(abstract_train_state(mc, tc), mesh)  # onto this run's mesh
     state, meta = checkpoints.restore(target, step)
-    batches.restore(meta["data"])
+    position = meta["data"]  # with data allowed to change: the next epoch if the new data is shorter
+    if isinstance(position.get("index"), int) and position["index"] > len(batches.data):
+        position = {"epoch": position["epoch"] + 1, "index": 0}
+    batches.restore(position)
     log.say(f"resumed from {out / rundir.CHECKPOINTS} step {step}")
     return state, step
 
@@ -255,8 +303,11 @@ def host_params(params, mesh):
 class _Loop:
     """The steps of a run, with what they need: train / eval steps, batches, checkpoints, log."""
 
-    def __init__(self, run: RunConfig, mesh, batches: BatchIterator, checkpoints: Checkpointer, log: RunLog):
+    def __init__(
+        self, run: RunConfig, mesh, batches: BatchIterator, checkpoints: Checkpointer, log: RunLog, data: dict
+    ):
         self.run, self.mesh, self.batches, self.checkpoints, self.log = run, mesh, batches, checkpoints, log
+        self.data_identity = data  # recorded in every checkpoint: a resume checks it
         self.train_step = make_train_step(run.model, run.train, mesh)
         self.eval_step = make_eval_step(run.model, run.train)
         self.nonfinite = NonFinitePolicy(run.train, checkpoints, log.say)
@@ -282,6 +333,9 @@ class _Loop:
                     pending = None
                     self.save(step, state)
                 if validation is not None and (step % tc.eval_every == 0 or at_end):
+                    if pending is not None:  # the step's line first, then its validation line
+                        self.report(*pending)
+                        pending = None
                     params = host_params(state.params, self.mesh)
                     self.log.eval(step, self.evaluate(params, validation, tc.eval_pairs))
                 if preemption.received:
@@ -304,7 +358,12 @@ class _Loop:
         self.log.train(step, metrics)
 
     def save(self, step: int, state: TrainState) -> None:
-        self.checkpoints.save(step, state, {"config": self.run.to_dict(), "data": self.batches.state()})
+        meta = {
+            "config": self.run.to_dict(),
+            "data": self.batches.state(),
+            "data_identity": self.data_identity,
+        }
+        self.checkpoints.save(step, state, meta)
 
     def evaluate(self, params, data, limit: int = 0) -> dict:
         return evaluate(self.eval_step, params, data, EVAL_BATCH_SIZE, limit, self.run.train)
@@ -320,7 +379,7 @@ def _finish(
     if log.primary:
         rundir.export_weights(out, merge_model(run.model, params))
         plot_curves(out / rundir.METRICS, out / rundir.CURVES)
-    summary = {"steps": int(state.step), "train_pairs": train_pairs}
+    summary = {"steps": int(state.step), "train_pairs": train_pairs, "data": loop.data_identity}
     if validation is not None:
         summary["validation"] = loop.evaluate(params, validation)
     if not run.train.data:
@@ -334,17 +393,46 @@ def _finish(
     return summary
 
 
-def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None) -> dict:
+def fit(
+    run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None, allow_data_change: bool = False
+) -> dict:
     """Train `run` into `out_dir`, resuming from its latest checkpoint if there is one.
 
     Writes config.json, metrics.jsonl, checkpoints/, model.safetensors, curves.png and
-    summary.json. Returns the summary (final validation and test metrics, wall time).
+    summary.json. Returns the summary (final validation and test metrics, wall time, and
+    "new_steps": the steps this call trained). Refuses an `out_dir` that is a file or a non-empty
+    directory jaxrm did not write, and one another run holds (RunLock; process 0 holds it for a
+    multi-process run); resuming onto other data needs `allow_data_change`. A directory this call
+    created is removed again when it fails before writing anything.
     """
+    out = pathlib.Path(out_dir)
+    created = rundir.check_out_dir(out)
+    lock = RunLock(out) if jax.process_index() == 0 else None
+    try:
+        if lock is not None:
+            lock.acquire()
+        with Preemption() as preemption:  # a signal before the first step: stop before it, cleanly
+            return _fit(run, out, init_model, log, allow_data_change, preemption)
+    finally:
+        if lock is not None:
+            lock.release()
+        if created and sys.exc_info()[0] is not None and jax.process_index() == 0:
+            rundir.remove_if_unused(out)
+
+
+def _stop_if_signalled(preemption: Preemption, where: str) -> None:
+    if preemption.received:
+        raise Preempted(
+            f"received signal {preemption.received} {where}: no new checkpoint; run the same command "
+            f"again to start (or resume from the latest checkpoint)"
+        )
+
+
+def _fit(run: RunConfig, out: pathlib.Path, init_model, log, allow_data_change: bool, preemption) -> dict:
     started = time.time()
     tc = run.train
     mesh = shd.make_mesh(tc.mesh_data, tc.mesh_fsdp)  # None: one device, the unsharded path
     shd.batch_size_per_shard(mesh, tc.batch_size, tc.grad_accum_steps)
-    out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run_log = RunLog(tc, log)
     if tc.deterministic:  # the CLI already set it before JAX started; a library caller is warned if too late
@@ -353,7 +441,13 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
             f"deterministic: XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}"
             + ("" if applied else " (set too late)")
         )
-    tokenizer, train_data, validation = load_run_data(run, run_log.say)
+    if tc.warmup_steps >= tc.decay_steps:
+        run_log.say(
+            f"note: warmup_steps={tc.warmup_steps} >= the {tc.decay_steps} steps of the schedule: the "
+            f"learning rate rises linearly for the whole run and never decays"
+        )
+    tokenizer, train_data, validation, identity = load_run_data(run, run_log.say)
+    _stop_if_signalled(preemption, "while the data loaded")
     checkpoints = Checkpointer(out / rundir.CHECKPOINTS, keep=tc.keep_checkpoints)
     rows = shd.process_rows(mesh, tc.batch_size)  # this process's pairs of each global batch
     batches = BatchIterator(
@@ -364,7 +458,9 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
         pad_multiple=tc.pad_multiple,
         rows=None if rows == (0, tc.batch_size) else rows,
     )
-    state, resume_step = resume_or_init(run, out, checkpoints, batches, mesh, init_model, run_log)
+    state, resume_step = resume_or_init(
+        run, out, checkpoints, batches, mesh, init_model, run_log, identity, allow_data_change
+    )
     if mesh is not None:  # every process says which rows it loads
         run_log.say(
             f"mesh data={tc.mesh_data} x fsdp={tc.mesh_fsdp} over {jax.device_count()} devices, "
@@ -372,7 +468,9 @@ def fit(run: RunConfig, out_dir, init_model: RewardModel | None = None, log=None
             f"{rows[0]}..{rows[1] - 1} of each batch",
             every_process=True,
         )
+    _stop_if_signalled(preemption, "before the first step")
     run_log.open(out / rundir.METRICS, resume_step)
-    loop = _Loop(run, mesh, batches, checkpoints, run_log)
+    loop = _Loop(run, mesh, batches, checkpoints, run_log, identity)
     state = loop.steps(state, validation)
-    return _finish(loop, state, out, tokenizer, len(train_data), validation, started)
+    summary = _finish(loop, state, out, tokenizer, len(train_data), validation, started)
+    return {**summary, "new_steps": int(state.step) - (resume_step or 0)}

@@ -68,7 +68,7 @@ def test_lint_clean_file_prints_a_table(tmp_path, capsys):
     data = write_jsonl(tmp_path / "ok.csv.jsonl", ROWS[:1])
     assert main(["lint", data, "--tokenizer", "byte"]) == 0
     out = capsys.readouterr().out
-    assert "1 pairs, 1 trainable at seq_len 256" in out and "ok    divergence_at_0" in out
+    assert "1 pairs, 1 trainable at seq_len 96" in out and "ok    divergence_at_0" in out
 
 
 def test_lint_column_names(tmp_path, capsys):
