@@ -189,7 +189,7 @@ def bench_shape(shape: str, args, root: pathlib.Path) -> list[dict]:
         + ["--max-len", str(args.max_len)],
     }
     rows = []
-    for name, cmd in servers.items():
+    for name, cmd in ((n, servers[n]) for n in args.servers):
         with server(cmd, free_port()) as url:
             load(url, texts, 4, 1, 8, 60)  # warm-up (torch's first calls, connections)
             for c in args.concurrency:
@@ -222,6 +222,7 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=64, help="requests per cell")
     p.add_argument("--max-seconds", type=float, default=20.0, help="per cell")
     p.add_argument("--max-len", type=int, default=128, help="tokens per text (left-truncated)")
+    p.add_argument("--servers", nargs="+", default=["jaxrm", "jaxrm-nobatch", "torch"])
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--torch-server", help=argparse.SUPPRESS)  # internal: run the baseline server
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)

@@ -109,6 +109,9 @@ class Scorer:
             out.append(ids)
         return out, truncated
 
+    def length_bucket(self, n: int) -> int:
+        return _bucket(self.lengths, n)
+
     def run_batch(self, sequences: list[list[int]]) -> np.ndarray:
         """One device batch of prepared sequences (at most the largest batch bucket): (n,) float32."""
         B, T = _bucket(self.batches, len(sequences)), _bucket(self.lengths, max(map(len, sequences)))

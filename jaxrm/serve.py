@@ -90,7 +90,8 @@ def load_source(source) -> tuple[object, object, bool, Normalization | None, str
 class Batcher:
     """The one thread that runs the model. submit() enqueues prepared sequences and returns one
     future per sequence; the thread takes the first waiting sequence, gathers more for at most
-    max_wait_s or until max_batch, scores them as one batch and resolves their futures."""
+    max_wait_s or until max_batch, scores them as one device batch per length bucket and
+    resolves their futures."""
 
     def __init__(self, scorer: Scorer, max_batch: int, max_wait_s: float):
         self.scorer, self.max_batch, self.max_wait_s = scorer, max_batch, max_wait_s
@@ -131,15 +132,26 @@ class Batcher:
             if first is None:
                 return
             batch, stopping = self._gather(first)
-            try:
-                rewards = self.scorer.run_batch([ids for ids, _ in batch])
-            except Exception as e:  # every waiting caller hears of it; the thread goes on
-                for _, future in batch:
-                    future.set_exception(e)
-                continue
-            self.batches, self.texts = self.batches + 1, self.texts + len(batch)
-            for (_, future), reward in zip(batch, rewards):
-                future.set_result(float(reward))
+            for group in self._by_length(batch):
+                self._score(group)
+
+    def _by_length(self, batch: list) -> list[list]:
+        """The batch split by length bucket: a short text is not padded to a long one's length."""
+        groups: dict[int, list] = {}
+        for item in batch:
+            groups.setdefault(self.scorer.length_bucket(len(item[0])), []).append(item)
+        return list(groups.values())
+
+    def _score(self, group: list) -> None:
+        try:
+            rewards = self.scorer.run_batch([ids for ids, _ in group])
+        except Exception as e:  # every waiting caller hears of it; the thread goes on
+            for _, future in group:
+                future.set_exception(e)
+            return
+        self.batches, self.texts = self.batches + 1, self.texts + len(group)
+        for (_, future), reward in zip(group, rewards):
+            future.set_result(float(reward))
 
 
 # -----------------------------------------------------------------------------
@@ -228,12 +240,12 @@ class Service:
         self.compile_s = self.scorer.warm_up()
         return self.compile_s
 
-    async def rewards(self, kind: str, items: list) -> dict:
+    async def rewards(self, kind: str, items: list, field: str = "") -> dict:
         """{"rewards" (normalized with --normalize, clipped with --clip), "raw", "truncated"}."""
         try:
             prepared, truncated = self.scorer.encode(items) if kind == "texts" else self.scorer.prepare(items)
         except ScoreInputError as e:
-            raise RequestError(400, f'"{kind}": {e}') from None
+            raise RequestError(400, f'"{field or kind}": {e}') from None
         futures = self.batcher.submit(prepared)
         raw = list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
         clip = self.options.clip
@@ -292,7 +304,7 @@ def build_app(service: Service):
 
     async def get_reward(request):  # OpenRLHF's remote reward protocol: only "query" is read
         body = await read_json(request, service.options.max_body_bytes)
-        out = await service.rewards("texts", _texts(body, "query", service.options.max_texts))
+        out = await service.rewards("texts", _texts(body, "query", service.options.max_texts), "query")
         return {"rewards": out["rewards"], "scores": out["rewards"], "extra_logs": {"raw_reward": out["raw"]}}
 
     async def score(request):

@@ -170,7 +170,7 @@ def test_concurrent_requests_come_back_in_order(served):
         ("/get_reward", {"query": "a text"}, 400, '"query" must be a list of strings, got str'),
         ("/get_reward", {"query": []}, 400, '"query" is empty'),
         ("/get_reward", {"query": ["ok", 3]}, 400, '"query"[1] must be a string, got int'),
-        ("/get_reward", {"query": ["ok", ""]}, 400, "text 1 is empty"),
+        ("/get_reward", {"query": ["ok", ""]}, 400, '"query": text 1 is empty'),
         ("/get_reward", {"query": ["t"] * 17}, 413, "17 texts, more than the limit 16"),
         ("/get_reward", {"query": ["y" * 5000]}, 413, "over the limit of 4000 bytes"),
         ("/score", {"input_ids": [[1, 2], [3, 999]]}, 400, "sequence 1 holds token id 999"),
