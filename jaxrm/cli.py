@@ -1,4 +1,4 @@
-"""The `jaxrm` command: train | eval | score | lint | convert | bench."""
+"""The `jaxrm` command: train | eval | score | serve | lint | convert | bench."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ EPILOG = """examples:
   jaxrm eval runs/base --split test
   jaxrm eval runs/a runs/b --data pairs.jsonl   # two runs on the same pairs
   jaxrm score runs/base "What a wonderful day." "This is awful."
+  jaxrm serve runs/base --port 5000               # OpenRLHF: --reward.remote_url http://127.0.0.1:5000/get_reward
 """
 
 
@@ -150,8 +151,9 @@ def _eval_path(run, data: str | None, split: str | None) -> tuple[str, str]:
     return files[split], f"the run's {split} data" + ("" if tc.data else ", bundled")
 
 
-def _eval_run(run_dir, path: str, subset_key: str) -> dict:
-    """Load a run and score `path`'s pairs with it: {"report", "out" (per-pair arrays), "data"}."""
+def _eval_run(run_dir, path: str, subset_key: str, write_normalization: bool = False) -> dict:
+    """Load a run and score `path`'s pairs with it: {"report", "out" (per-pair arrays), "data"};
+    with write_normalization, also RUN_DIR/normalization.json from those pairs' rewards."""
     import dataclasses
 
     from jaxrm.config import EVAL_BATCH_SIZE
@@ -170,6 +172,8 @@ def _eval_run(run_dir, path: str, subset_key: str) -> dict:
     eval_step = make_eval_step(run.model, run.train)
     out = per_pair_outputs(eval_step, split_model(model)[1], data, EVAL_BATCH_SIZE)
     subsets = [pairs[i].subset for i in data.source_index]
+    if write_normalization:
+        _write_normalization(run_dir, eval_step, model, data, path)
     return {"report": report(out, data, subsets, run.train), "out": out, "data": data}
 
 
@@ -197,7 +201,9 @@ def cmd_eval(args, extra) -> int:
             "give --data PAIRS to compare them"
         )
     path, what = sources[0]
-    results = [_eval_run(d, path, args.subset_key) for d in dirs]
+    results = [
+        _eval_run(d, path, args.subset_key, args.write_normalization and i == 0) for i, d in enumerate(dirs)
+    ]
     if args.plots:
         _write_eval_plots(args.plots, dirs, results)
     head = {"data": path, "data_source": what}
@@ -225,9 +231,20 @@ def _note(command: str):
     return lambda text: print(f"jaxrm {command}: {text}", file=sys.stderr)
 
 
+def _write_normalization(run_dir, eval_step, model, data, path) -> None:
+    from jaxrm.config import EVAL_BATCH_SIZE
+    from jaxrm.score import validation_normalization, write_normalization
+    from jaxrm.state import split_model
+
+    norm = validation_normalization(eval_step, split_model(model)[1], data, EVAL_BATCH_SIZE, path)
+    written = write_normalization(run_dir, norm)
+    print(
+        f"wrote {written} (mean {norm.mean:.4f}, std {norm.std:.4f} over {norm.count} texts)", file=sys.stderr
+    )
+
+
 def cmd_score(args, extra) -> int:
     from jaxrm.rundir import load_model
-    from jaxrm.score import score_texts
 
     items = [(t, t) for t in args.texts]  # (what is printed as "text", what is scored before --prompt)
     if args.input:
@@ -237,9 +254,55 @@ def cmd_score(args, extra) -> int:
     run, model = load_model(args.run_dir, say=_note("score"))
     prompt = args.prompt if args.prompt is not None else ("" if run.train.data else "Sentence: ")
     texts = [t if isinstance(shown, list) else prompt + t for shown, t in items]  # chats carry their prompt
-    for (shown, _), reward in zip(items, score_texts(model, run, texts)):
+    for (shown, _), reward in zip(items, _score_rewards(args, run, model, texts)):
         print(json.dumps({"text": shown, "reward": reward}))
     return 0
+
+
+def _score_rewards(args, run, model, texts: list[str]) -> list[float]:
+    """score's rewards: over-long texts truncated from the left (or refused with --truncation=error),
+    normalized with --normalize, clipped with --clip."""
+    from jaxrm.score import Scorer, clip_rewards, read_normalization
+
+    scorer = Scorer.for_run(model, run, truncation=args.truncation)
+    rewards = scorer.score(scorer.encode(texts)[0])
+    if not args.normalize:
+        return clip_rewards(rewards, args.clip)
+    norm = read_normalization(args.run_dir)
+    if norm is None:
+        raise ValueError(
+            f"{args.run_dir}: no normalization.json; write one with "
+            f"`jaxrm eval {args.run_dir} --write-normalization`, or score without --normalize"
+        )
+    return norm.apply(rewards, args.clip)
+
+
+def cmd_serve(args, extra) -> int:
+    from jaxrm.serve import ServeOptions, serve
+
+    if args.max_batch < 1 or args.max_wait_ms < 0 or args.max_texts < 1 or args.max_body_bytes < 1:
+        raise SystemExit(
+            "jaxrm serve: --max-batch, --max-texts and --max-body-bytes must be >= 1, --max-wait-ms >= 0"
+        )
+    api_key = None
+    if args.api_key_file:
+        api_key = pathlib.Path(args.api_key_file).read_text().strip()
+        if not api_key:
+            raise SystemExit(f"jaxrm serve: {args.api_key_file} is empty")
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        normalize=args.normalize,
+        clip=tuple(args.clip) if args.clip else None,
+        max_len=args.max_len,
+        truncation=args.truncation,
+        api_key=api_key,
+        max_texts=args.max_texts,
+        max_body_bytes=args.max_body_bytes,
+    )
+    return serve(args.source, options)
 
 
 def _read_texts(path: str) -> list[tuple]:
@@ -317,9 +380,14 @@ def cmd_convert(args, extra) -> int:
     _, model = load_model(src, say=_note("convert"))
     if to == "hf-seq-cls":
         from jaxrm.convert import export_hf_sequence_classification
+        from jaxrm.score import read_normalization
 
-        export_hf_sequence_classification(model, path)
-        print(f"wrote {path}/ (config.json, model.safetensors: transformers GPT2ForSequenceClassification)")
+        norm = read_normalization(src)  # OpenRLHF's normalize_reward / mean / std in config.json
+        export_hf_sequence_classification(model, path, norm)
+        print(
+            f"wrote {path}/ (config.json, model.safetensors: transformers GPT2ForSequenceClassification"
+            + (f"; normalization mean {norm.mean:.4f} std {norm.std:.4f})" if norm else ")")
+        )
         return 0
     path.parent.mkdir(parents=True, exist_ok=True)
     export_weights(None, model, path)
@@ -442,6 +510,12 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--plots", metavar="DIR", help="write PNGs: reliability diagram, reward histograms, reward vs length"
     )
+    p.add_argument(
+        "--write-normalization",
+        action="store_true",
+        help="write RUN_DIR/normalization.json: mean and std of the rewards of the data's texts "
+        "(chosen and rejected), for score / serve --normalize",
+    )
     p.set_defaults(func=cmd_eval)
 
 
@@ -455,7 +529,49 @@ def _add_score(sub) -> None:
         help='prefix for every plain text (default: "Sentence: " for a run trained on the bundled '
         "data, whose pairs carry it; none for a run trained on --data); chats are scored as rendered",
     )
+    _add_reward_options(p)
     p.set_defaults(func=cmd_score)
+
+
+def _add_reward_options(p) -> None:
+    """--truncation, --normalize and --clip, shared by score and serve."""
+    p.add_argument(
+        "--truncation",
+        default="left",
+        choices=["left", "error"],
+        help="a text over the token limit: left (default) keeps its last tokens; error refuses it",
+    )
+    p.add_argument(
+        "--normalize",
+        action="store_true",
+        help="return (reward - mean) / std with the run's normalization.json (written at the end of "
+        "training or by eval --write-normalization)",
+    )
+    p.add_argument(
+        "--clip", nargs=2, type=float, metavar=("MIN", "MAX"), help="clip the rewards to [MIN, MAX]"
+    )
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="HTTP reward service: OpenRLHF's POST /get_reward, POST /score, GET /health, GET /info",
+    )
+    p.add_argument(
+        "source", help="a run directory, or a transformers GPT2ForSequenceClassification directory"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--max-batch", type=int, default=32, help="texts per device batch (1: batching off)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more texts")
+    p.add_argument("--max-len", type=int, default=0, help="tokens per text (default: the model's block_size)")
+    p.add_argument(
+        "--api-key-file", help="a file holding the key clients send as 'Authorization: Bearer KEY'"
+    )
+    p.add_argument("--max-texts", type=int, default=1024, help="texts per request (more: 413)")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="request body size (more: 413)")
+    _add_reward_options(p)
+    p.set_defaults(func=cmd_serve)
 
 
 def _add_lint(sub) -> None:
@@ -546,6 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_score(sub)
+    _add_serve(sub)
     _add_lint(sub)
     _add_convert(sub)
     _add_bench(sub)

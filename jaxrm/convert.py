@@ -416,11 +416,13 @@ def hf_sequence_classification_config(config: ModelConfig) -> dict:
     }
 
 
-def export_hf_sequence_classification(model: RewardModel, out_dir) -> pathlib.Path:
+def export_hf_sequence_classification(model: RewardModel, out_dir, normalization=None) -> pathlib.Path:
     """Write out_dir/config.json + out_dir/model.safetensors: a transformers
     GPT2ForSequenceClassification (num_labels=1, pad_token_id = the model's PAD id, activation
     "gelu" or "gelu_new" as the model's) whose score at the last non-pad token is jaxrm's end
-    score. Keys are "transformer.*" (Conv1D (in, out) layout) and "score.weight"."""
+    score. Keys are "transformer.*" (Conv1D (in, out) layout) and "score.weight".
+    `normalization` (a jaxrm.score.Normalization) adds OpenRLHF's normalize_reward, mean and std
+    to config.json; transformers ignores them, OpenRLHF's reward model applies (r - mean) / std."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = to_torch_state_dict(model)
@@ -433,7 +435,8 @@ def export_hf_sequence_classification(model: RewardModel, out_dir) -> pathlib.Pa
             value = value.T  # Linear (out, in) -> Conv1D (in, out)
         hf["transformer." + key] = value
     save_safetensors(hf, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(
-        json.dumps(hf_sequence_classification_config(model.config), indent=2) + "\n"
-    )
+    config = hf_sequence_classification_config(model.config)
+    if normalization is not None:
+        config.update(normalize_reward=True, mean=normalization.mean, std=normalization.std)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out

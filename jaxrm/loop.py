@@ -29,6 +29,7 @@ from jaxrm.optim import describe_decay, learning_rate
 from jaxrm.report import MetricsLog, Progress, TensorBoardLog, plot_curves
 from jaxrm.runlock import RunLock
 from jaxrm.runtime import use_deterministic_ops
+from jaxrm.score import NORMALIZATION, validation_normalization, write_normalization
 from jaxrm.signals import Preemption
 from jaxrm.state import TrainState, abstract_train_state, init_train_state, merge_model
 from jaxrm.step import TrainingError, make_eval_step, make_train_step
@@ -382,6 +383,8 @@ def _finish(
     summary = {"steps": int(state.step), "train_pairs": train_pairs, "data": loop.data_identity}
     if validation is not None:
         summary["validation"] = loop.evaluate(params, validation)
+        if log.primary:
+            _write_normalization(loop, params, validation, out)
     if not run.train.data:
         test = load_split(run, tokenizer, str(bundled_data_path("test")), "test")[0]
         summary["test"] = loop.evaluate(params, test)
@@ -391,6 +394,17 @@ def _finish(
     loop.checkpoints.close()
     log.close()
     return summary
+
+
+def _write_normalization(loop: _Loop, params, validation, out: pathlib.Path) -> None:
+    """normalization.json (for score / serve --normalize): the validation rewards' mean and std."""
+    source = loop.run.train.eval_data or "bundled validation split"
+    try:
+        norm = validation_normalization(loop.eval_step, params, validation, EVAL_BATCH_SIZE, source)
+    except ValueError as e:
+        loop.log.say(f"no {NORMALIZATION} written: {e}")
+        return
+    write_normalization(out, norm)
 
 
 def fit(
