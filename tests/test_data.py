@@ -105,6 +105,7 @@ def test_encode_shapes_padding_and_stats():
         "pairs_kept": 3,
         "dropped_too_long": 1,
         "dropped_identical": 1,
+        "with_margin": 3,  # the kept pairs that carry a margin (make_pairs gives each one)
         "max_len": 7,
     }
     assert len(data) == 3 and data.chosen_ids.shape == (3, 12) and data.chosen_ids.dtype == np.int32
