@@ -1,8 +1,14 @@
-"""The `jaxrm` command: train | eval | score | serve | lint | convert | bench."""
+"""The `jaxrm` command: train | eval | score | serve | lint | convert | bench.
+
+Each command imports the jaxrm modules it uses inside its function, on purpose: main() first
+runs jaxrm.runtime.setup() (which may re-exec the process with tcmalloc) and train sets XLA_FLAGS
+and jax.distributed up before anything starts a JAX backend.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -10,7 +16,7 @@ import sys
 import textwrap
 import traceback
 
-from jaxrm.config import COORDINATOR_TIMEOUT_S
+from jaxrm.config import COORDINATOR_TIMEOUT_S, DEBUG_CHECKS
 from jaxrm.signals import Preemption
 
 EPILOG = """examples:
@@ -71,12 +77,8 @@ def cmd_train(args, extra) -> int:
 
         check_init_and_out(pathlib.Path(args.init), out)
     init_model = _load_init(args.init, run.model, overrides) if args.init else None
-    if (
-        init_model is not None and init_model.config != run.model
-    ):  # HF / nanoGPT: the checkpoint's architecture
-        import dataclasses
-
-        run = dataclasses.replace(run, model=init_model.config)
+    if init_model is not None and init_model.config != run.model:
+        run = dataclasses.replace(run, model=init_model.config)  # HF / nanoGPT: the checkpoint's architecture
     summary = fit(run, out, init_model=init_model, allow_data_change=args.allow_data_change)
     import jax
 
@@ -102,7 +104,6 @@ def _load_init(path: str, model_config, overrides: dict | None = None):
     """Initial weights: a run directory, a transformers GPT-2 directory, a nanoGPT ckpt.pt, or a
     torchref-keyed .safetensors / .pt state_dict (torch pickles only with weights_only=True).
     For HF / nanoGPT the architecture is the checkpoint's, with the model keys of `overrides`."""
-    import dataclasses
 
     from jaxrm import convert
     from jaxrm.rundir import CONFIG, load_model
@@ -154,8 +155,6 @@ def _eval_path(run, data: str | None, split: str | None) -> tuple[str, str]:
 def _eval_run(run_dir, path: str, subset_key: str, write_normalization: bool = False) -> dict:
     """Load a run and score `path`'s pairs with it: {"report", "out" (per-pair arrays), "data"};
     with write_normalization, also RUN_DIR/normalization.json from those pairs' rewards."""
-    import dataclasses
-
     from jaxrm.config import EVAL_BATCH_SIZE
     from jaxrm.data import encode_run_pairs
     from jaxrm.evaluate import per_pair_outputs, report
@@ -444,6 +443,12 @@ def _add_train(sub) -> None:
         action="store_true",
         help="resume although the training data differs from the data the checkpoint was trained on",
     )
+    _add_train_processes(p)
+    _add_train_reliability(p)
+    p.set_defaults(func=cmd_train, extra_ok=True)
+
+
+def _add_train_processes(p) -> None:
     g = p.add_argument_group(
         "several processes (README: Multiple devices and hosts); the mesh is --mesh_data=N --mesh_fsdp=M"
     )
@@ -462,6 +467,9 @@ def _add_train(sub) -> None:
         metavar="SECONDS",
         help=f"give up joining the coordinator after this long (default {COORDINATOR_TIMEOUT_S})",
     )
+
+
+def _add_train_reliability(p) -> None:
     g = p.add_argument_group("reliability (README: Reliability)")
     g.add_argument(
         "--deterministic",
@@ -482,11 +490,10 @@ def _add_train(sub) -> None:
     )
     g.add_argument(
         "--debug-checks",
-        choices=["off", "checkify", "nans"],
+        choices=DEBUG_CHECKS,
         help="checkify: run each step under jax.experimental.checkify (out-of-range indices, NaNs, "
         "division by zero) and stop naming the step; nans: jax_debug_nans. Slower; for debugging",
     )
-    p.set_defaults(func=cmd_train, extra_ok=True)
 
 
 def _add_eval(sub) -> None:
@@ -638,8 +645,6 @@ def _version() -> str:
 
 def _config_keys_help() -> str:
     """The --key=value config keys with the default preset's values (train --help)."""
-    import dataclasses
-
     from jaxrm.config import DEFAULT_RUN_PRESET, run_preset
 
     run = run_preset(DEFAULT_RUN_PRESET)
