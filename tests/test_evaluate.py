@@ -306,9 +306,8 @@ def test_tensorboard_events_read_back(two_runs):
 
 def test_train_tensorboard_flag_sets_the_config(monkeypatch, tmp_path, capsys):
     seen = []
-    fake_fit = lambda run, out, init_model=None, **options: (
-        seen.append(run) or {"steps": 0, "wall_time_s": 0.0}
-    )
+    summary = {"steps": 0, "new_steps": 0, "wall_time_s": 0.0}
+    fake_fit = lambda run, out, init_model=None, **options: seen.append(run) or summary
     monkeypatch.setattr("jaxrm.loop.fit", fake_fit)
     assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--tensorboard"]) == 0
     assert cli.main(["train", "--preset", "tiny", "--out", str(tmp_path / "r")]) == 0
