@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
 
-from jaxrm.config import COORDINATOR_TIMEOUT_S
+from jaxrm.config import COORDINATOR_TIMEOUT_S, LAYOUTS
 
 EPILOG = """examples:
   jaxrm train                                   # the default preset on the bundled human-rated pairs
@@ -102,6 +103,13 @@ def _eval_data(run, data: str | None, split: str):
     return path, load_split(run, get_tokenizer(run.train.tokenizer), path, path)[0]
 
 
+def _with_layout(run, layout: str | None):
+    """The run with TrainConfig.layout set (eval --layout), or unchanged."""
+    if layout is None:
+        return run
+    return dataclasses.replace(run, train=dataclasses.replace(run.train, layout=layout))
+
+
 def cmd_eval(args, extra) -> int:
     from jaxrm.config import EVAL_BATCH_SIZE
     from jaxrm.evaluate import evaluate
@@ -110,6 +118,7 @@ def cmd_eval(args, extra) -> int:
     from jaxrm.step import make_eval_step
 
     run, model = load_model(args.run_dir)
+    run = _with_layout(run, args.layout)
     path, data = _eval_data(run, args.data, args.split)
     eval_step = make_eval_step(run.model, run.train)
     result = evaluate(eval_step, split_model(model)[1], data, EVAL_BATCH_SIZE, train_config=run.train)
@@ -301,6 +310,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--data", help="a pair file (or saved HF datasets DIR[:SPLIT]) instead of a bundled split")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--layout", choices=LAYOUTS, help="batch layout (default: the run's; the same numbers either way)"
+    )
     p.set_defaults(func=cmd_eval)
 
 
