@@ -141,11 +141,11 @@ def shared_batch(batch: dict, pad_id: int, explicit: bool = False, multiple: int
 def packed_batch(
     batch: dict, pad_id: int, row_len: int, explicit: bool = False, multiple: int = 8, row_multiple: int = 1
 ) -> dict:
-    """A rows batch in the packed layout: the shared groups, first fit into rows of row_len tokens
-    (longer groups alone); the number of rows rounded up to row_multiple with rows of padding
-    (fewer distinct shapes to compile)."""
+    """A rows batch in the packed layout: the shared groups, first fit into rows of
+    max(row_len, the longest group) tokens; the number of rows rounded up to row_multiple with rows
+    of padding (fewer distinct shapes to compile)."""
     groups, geometry = pair_groups(batch, pad_id, explicit)
-    rows = pack(groups, row_len)
+    rows = pack(groups, max(row_len, max(map(group_length, groups))))
     out = _layout_batch(batch, groups, geometry, rows, pad_id, multiple)
     R = -(-len(rows) // row_multiple) * row_multiple
     if R > len(rows):
@@ -178,3 +178,38 @@ def to_layout(batch: dict, layout: str, pad_id: int, explicit: bool, row_len: in
     if layout == "packed":
         return packed_batch(rows, pad_id, row_len, explicit, row_multiple=4)
     raise ValueError(f"layout must be 'shared' or 'packed' here, got {layout!r}")
+
+
+def layout_savings(
+    sequences: list, seq_len: int, pad_id: int, batch_size: int, explicit: bool = False
+) -> dict:
+    """What shared / packed would save on (chosen ids, rejected ids) pairs, for `jaxrm lint`: the
+    pairs training keeps (non-empty, different, within seq_len), in batches of batch_size in file
+    order. Tokens: rows stores 2 x seq_len per pair; real is every token of both sequences (the
+    prompt twice); shared is what the shared layout stores (the prompt once, each answer up to the
+    longer one's end). packed_rows_per_batch: the mean number of rows packed makes of a batch."""
+    kept = [(c, r) for c, r in sequences if c and r and c != r and max(len(c), len(r)) <= seq_len]
+    totals = {"rows": 0, "real": 0, "shared": 0}
+    packed_rows = []
+    for start in range(0, len(kept), batch_size):
+        chunk = kept[start : start + batch_size]
+        ids = np.full((2, len(chunk), seq_len), pad_id, np.int32)
+        lengths = np.zeros((2, len(chunk)), np.int32)
+        for i, pair in enumerate(chunk):
+            for side, seq in enumerate(pair):
+                ids[side, i, : len(seq)], lengths[side, i] = seq, len(seq)
+        rows = {"input_ids": ids.reshape(-1, seq_len), "lengths": lengths.reshape(-1)}  # (2B, T)
+        groups, _ = pair_groups(rows, pad_id, explicit)
+        totals["rows"] += ids.size
+        totals["real"] += int(lengths.sum())
+        totals["shared"] += sum(map(group_length, groups))
+        packed_rows.append(len(pack(groups, max(seq_len, max(map(group_length, groups))))))
+    share = lambda a, b: round(1 - a / b, 4) if b else 0.0
+    return {
+        "pairs": len(kept),
+        "batch_size": batch_size,
+        "tokens": totals,
+        "shared_saves_vs_rows": share(totals["shared"], totals["rows"]),
+        "shared_saves_vs_real": share(totals["shared"], totals["real"]),
+        "packed_rows_per_batch": round(float(np.mean(packed_rows)), 2) if packed_rows else 0.0,
+    }

@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxrm import cli
 from jaxrm.config import TrainConfig
-from jaxrm.layouts import pack, packed_batch, shared_batch, to_layout
+from jaxrm.layouts import layout_savings, pack, packed_batch, shared_batch, to_layout
 from jaxrm.loss import pairwise_loss
 from jaxrm.model import RewardModel
 from jaxrm.sharding import shard_batch
@@ -246,3 +246,13 @@ def test_cli_train_packed_then_eval_with_and_without_layout(tmp_path, capsys):
         assert results[layout]["pairs"] == results[None]["pairs"] == 48
         for key in ("accuracy", "loss"):
             assert abs(results[layout][key] - results[None][key]) <= 1e-6, (layout, key)
+
+
+def test_layout_savings_for_lint():
+    pairs = [([1, 2, 3, 4, 5], [1, 2, 3, 9]), ([4, 4], [4, 4]), ([7], [8]), (list(range(9)), [0])]
+    s = layout_savings(pairs, seq_len=8, pad_id=PAD, batch_size=2)
+    # kept: pairs 0 and 2 (identical and too long dropped); shared: prefix [1, 2, 3] + 2 + 2, and 1 + 1
+    assert s["pairs"] == 2 and s["tokens"] == {"rows": 32, "real": 11, "shared": 9}
+    assert (
+        s["shared_saves_vs_rows"] == round(1 - 9 / 32, 4) and s["packed_rows_per_batch"] == 2.0
+    )  # 7 + 2 > 8
