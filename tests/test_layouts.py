@@ -132,7 +132,7 @@ def test_layout_matches_rows(layout, attention, loss_type, lengths):
     explicit = lengths == "explicit"
     tc = TrainConfig(loss_type=loss_type, lengths=lengths, use_margins=True)
     model = RewardModel(CFG.replace(attention=attention), rngs=nnx.Rngs(1))
-    for seed in range(2):
+    for seed in range(1):  # 12 pairs: every case twice
         batch = random_pairs(seed, B=12, explicit=explicit)
         if layout == "shared":
             lb = shared_batch(batch, PAD, explicit)
