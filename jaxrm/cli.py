@@ -16,7 +16,7 @@ import sys
 import textwrap
 import traceback
 
-from jaxrm.config import COORDINATOR_TIMEOUT_S, DEBUG_CHECKS
+from jaxrm.config import COORDINATOR_TIMEOUT_S, DEBUG_CHECKS, LAYOUTS
 from jaxrm.signals import Preemption
 
 EPILOG = """examples:
@@ -152,9 +152,17 @@ def _eval_path(run, data: str | None, split: str | None) -> tuple[str, str]:
     return files[split], f"the run's {split} data" + ("" if tc.data else ", bundled")
 
 
-def _eval_run(run_dir, path: str, subset_key: str, write_normalization: bool = False) -> dict:
+def _with_layout(run, layout: str | None):
+    """The run with TrainConfig.layout set (eval --layout), or unchanged."""
+    if layout is None:
+        return run
+    return dataclasses.replace(run, train=dataclasses.replace(run.train, layout=layout))
+
+
+def _eval_run(run_dir, path: str, subset_key: str, write_normalization: bool = False, layout=None) -> dict:
     """Load a run and score `path`'s pairs with it: {"report", "out" (per-pair arrays), "data"};
-    with write_normalization, also RUN_DIR/normalization.json from those pairs' rewards."""
+    with write_normalization, also RUN_DIR/normalization.json from those pairs' rewards; with
+    `layout`, the eval step uses that batch layout (the same numbers either way)."""
     from jaxrm.config import EVAL_BATCH_SIZE
     from jaxrm.data import encode_run_pairs
     from jaxrm.evaluate import per_pair_outputs, report
@@ -168,6 +176,7 @@ def _eval_run(run_dir, path: str, subset_key: str, write_normalization: bool = F
     cols = dataclasses.replace(Columns.from_train_config(run.train), subset=subset_key)
     pairs = load_pairs(path, cols)
     data = encode_run_pairs(run, get_tokenizer(run.train.tokenizer), pairs, path)[0]
+    run = _with_layout(run, layout)
     eval_step = make_eval_step(run.model, run.train)
     out = per_pair_outputs(eval_step, split_model(model)[1], data, EVAL_BATCH_SIZE)
     subsets = [pairs[i].subset for i in data.source_index]
@@ -201,7 +210,8 @@ def cmd_eval(args, extra) -> int:
         )
     path, what = sources[0]
     results = [
-        _eval_run(d, path, args.subset_key, args.write_normalization and i == 0) for i, d in enumerate(dirs)
+        _eval_run(d, path, args.subset_key, args.write_normalization and i == 0, args.layout)
+        for i, d in enumerate(dirs)
     ]
     if args.plots:
         _write_eval_plots(args.plots, dirs, results)
@@ -522,6 +532,9 @@ def _add_eval(sub) -> None:
         action="store_true",
         help="write RUN_DIR/normalization.json: mean and std of the rewards of the data's texts "
         "(chosen and rejected), for score / serve --normalize",
+    )
+    p.add_argument(
+        "--layout", choices=LAYOUTS, help="batch layout (default: the run's; the same numbers either way)"
     )
     p.set_defaults(func=cmd_eval)
 

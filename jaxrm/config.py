@@ -127,6 +127,7 @@ def model_preset(name: str) -> ModelConfig:
 NONFINITE_POLICIES = ("stop", "skip")
 DEBUG_CHECKS = ("off", "checkify", "nans")  # TrainConfig.debug_checks (jaxrm/step.py)
 LENGTHS = ("first_pad", "explicit")  # TrainConfig.lengths: where a sequence ends
+LAYOUTS = ("rows", "shared", "packed")  # TrainConfig.layout: how pairs become model rows (jaxrm/layouts.py)
 LOSS_TYPES = ("span", "last_token")  # TrainConfig.loss_type (jaxrm/loss.py)
 NORMALIZE_BY = ("pairs", "nonidentical")  # TrainConfig.normalize_by: the loss's denominator
 TRUNCATIONS = ("drop", "error", "left")  # TrainConfig.truncation: over-long pairs (jaxrm/data.py)
@@ -173,6 +174,9 @@ class TrainConfig:
         0  # >0: batches of similar-length pairs, sorted within windows of this many batches
     )
     pad_multiple: int = 0  # >0: trim each batch's padding to its longest pair, rounded up to this
+    # rows (2B padded rows) | shared (one row per pair: the prompt once) | packed (shared groups,
+    # several per row of seq_len tokens); jaxrm/layouts.py; the same loss and gradients
+    layout: str = "rows"
     # run
     seed: int = 0
     eval_every: int = 200
@@ -216,6 +220,7 @@ class TrainConfig:
             ("nonfinite", NONFINITE_POLICIES),
             ("truncation", TRUNCATIONS),
             ("lengths", LENGTHS),
+            ("layout", LAYOUTS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")

@@ -7,7 +7,8 @@ Each function computes exactly the formula in its docstring; what they add is sp
   is a column-major (transposed) view, so transposes are written out (CPU only: `cpu_layouts`);
 - dropout: masks from a counter hash, ~7x cheaper than threefry bits on CPU;
 - causal_attention: blocked causal attention that skips the blocks above the diagonal, or
-  jax.nn.dot_product_attention (cuDNN flash attention on GPUs).
+  jax.nn.dot_product_attention (cuDNN flash attention on GPUs); both take an optional segment
+  mask (segment_visibility) for rows that hold a shared prompt and several answers, or several pairs.
 """
 
 from __future__ import annotations
@@ -140,42 +141,61 @@ def dropout(x, rate: float, key):
 # ----------------------------------------------------------------------------- attention
 
 
-def causal_attention(q, k, v, key, cfg, plan):
+def causal_attention(q, k, v, key, cfg, plan, segments=None):
     """Causal softmax(q k^T / sqrt(d)) v with dropout on the probabilities (rate cfg.attn_pdrop,
     when `key` is given) for q, k, v (B, T, nh, hs); returns (B, T, nh, hs).
 
-    plan.attention "sdpa": jax.nn.dot_product_attention, which has no attention dropout (so the
-    blocked form runs whenever dropout is on). plan.remat "attention": the probabilities are
-    recomputed in the backward pass instead of stored.
+    segments: None (plain causal attention), or (segment_ids, branch_ids), each (B, T) int32: then
+    query i also needs segment_visibility (same segment; key in the shared prefix, branch 0, or in
+    the query's own branch). plan.attention "sdpa": jax.nn.dot_product_attention, which has no
+    attention dropout (so the blocked form runs whenever dropout is on). plan.remat "attention":
+    the probabilities are recomputed in the backward pass instead of stored.
     """
     use_sdpa = plan.attention == "sdpa" and not (key is not None and cfg.attn_pdrop)
     attention = _sdpa_causal_attention if use_sdpa else blocked_causal_attention
     if plan.remat == "attention":
         attention = jax.checkpoint(attention, static_argnums=(4, 5))
-    return attention(q, k, v, key, cfg, plan)
+    return attention(q, k, v, key, cfg, plan, segments)
 
 
-def _sdpa_causal_attention(q, k, v, key, cfg, plan):
-    """causal_attention by jax.nn.dot_product_attention (no dropout)."""
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True).astype(v.dtype)
+def segment_visibility(segments, q_start: int, q_end: int, k_end: int):
+    """(B, 1, q_end - q_start, k_end) bool: which keys [0, k_end) queries [q_start, q_end) may see
+    besides causality. segments = (segment_ids, branch_ids), each (B, T): a query sees a key of its
+    own segment (a pair, or a prompt with its answers; other segments are other pairs of a packed
+    row) whose branch is 0 (the shared prompt) or the query's own branch (its own answer)."""
+    segment_ids, branch_ids = segments
+    seg_q, seg_k = segment_ids[:, q_start:q_end, None], segment_ids[:, None, :k_end]  # (B, Tq, 1), (B, 1, Tk)
+    br_q, br_k = branch_ids[:, q_start:q_end, None], branch_ids[:, None, :k_end]
+    return ((seg_q == seg_k) & ((br_k == 0) | (br_k == br_q)))[:, None]  # (B, 1, Tq, Tk)
 
 
-def blocked_causal_attention(q, k, v, key, cfg, plan):
+def _sdpa_causal_attention(q, k, v, key, cfg, plan, segments=None):
+    """causal_attention by jax.nn.dot_product_attention (no dropout); the segment mask, when
+    given, is ANDed with the causal one."""
+    T = q.shape[1]
+    mask = None if segments is None else segment_visibility(segments, 0, T, T)  # (B, 1, T, T)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True).astype(v.dtype)
+
+
+def blocked_causal_attention(q, k, v, key, cfg, plan, segments=None):
     """causal_attention in blocks of cfg.attention_block query rows: block [s, e) only meets keys
     [0, e), so the masked part above the diagonal blocks is never computed (at T=512 and blocks of
     128, 62.5% of the full T x T work). Each block's softmax is over all the keys it can see, so this
     is the plain formula, not an online-softmax approximation. Dropout on the probabilities draws
-    one mask per block from fold_in(key, block index)."""
+    one mask per block from fold_in(key, block index). The segment mask, when given, is ANDed with
+    the causal one inside each block (every query sees at least itself, so no row is empty)."""
     T = q.shape[1]
     q, k, v = (rows_major(x.transpose(0, 2, 1, 3), plan.cpu_layouts) for x in (q, k, v))  # (B, nh, T, hs)
     block = cfg.attention_block or T
     outputs = []
     for i, start in enumerate(range(0, T, block)):
         end = min(start + block, T)
-        causal = np.arange(start, end)[:, None] >= np.arange(end)[None, :]  # (end - start, end)
+        visible = np.arange(start, end)[:, None] >= np.arange(end)[None, :]  # (end - start, end)
+        if segments is not None:
+            visible = visible & segment_visibility(segments, start, end, end)  # (B, 1, end - start, end)
         block_key = None if key is None else jax.random.fold_in(key, i)
         q_block, k_seen, v_seen = q[:, :, start:end], k[:, :, :end], v[:, :, :end]
-        y = attend(q_block, k_seen, v_seen, causal, cfg.attn_pdrop, block_key, plan.cpu_layouts)
+        y = attend(q_block, k_seen, v_seen, visible, cfg.attn_pdrop, block_key, plan.cpu_layouts)
         outputs.append(y)  # (B, nh, end - start, hs)
     return jnp.concatenate(outputs, axis=2).transpose(0, 2, 1, 3)  # (B, T, nh, hs)
 

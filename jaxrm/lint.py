@@ -24,6 +24,7 @@ import numpy as np
 from jaxrm.config import LENGTHS
 from jaxrm.data import pair_ids
 from jaxrm.formats import pair_location
+from jaxrm.layouts import layout_savings
 from jaxrm.tokenizer import first_out_of_range
 
 ERRORS = ("pad_in_text", "out_of_vocab", "empty_sequence")  # training refuses these
@@ -52,6 +53,7 @@ def lint_pairs(
     against=None,
     examples: int = 5,
     lengths: str = "first_pad",
+    batch_size: int = 16,
 ) -> dict:
     """lengths: "first_pad" (the first PAD ends a sequence: PAD inside a text is an error) or
     "explicit" (TrainConfig.lengths="explicit": a PAD / end-of-text id inside a text is reported,
@@ -66,9 +68,11 @@ def lint_pairs(
         other_texts = {p.prompt + a for p in against for a in (p.chosen, p.rejected)}
     seen = set()
     longest = []  # tokens of each pair's longer side
+    sequences = []
     for i, p in enumerate(pairs):
         c, r = pair_ids(p, tokenizer)
         longest.append(max(len(c), len(r)))
+        sequences.append((c, r))
         for flag in _flags(
             p, c, r, tokenizer, seq_len=seq_len, vocab_size=vocab_size, seen=seen, other_texts=other_texts
         ):
@@ -93,6 +97,7 @@ def lint_pairs(
     report["trainable_pairs"] = len(pairs) - len(
         {w for name in ("too_long", "identical", *errors) for w in checks[name]}
     )
+    report["layouts"] = layout_savings(sequences, seq_len, vocab_size - 1, batch_size, lengths == "explicit")
     report["error_checks"] = list(errors)
     report["errors"] = sum(len(checks[name]) for name in errors)
     return report
@@ -152,6 +157,15 @@ def format_report(report: dict) -> str:
         f"tokens per pair (longer side): min {t['min']}  p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  "
         f"max {t['max']}  mean {t['mean']}",
     ]
+    if "layouts" in report:
+        s = report["layouts"]
+        per_pair = {k: v / max(s["pairs"], 1) for k, v in s["tokens"].items()}
+        lines.append(
+            f"layouts: tokens per pair rows {per_pair['rows']:.0f} (padded), real {per_pair['real']:.1f}, "
+            f"shared {per_pair['shared']:.1f} ({s['shared_saves_vs_rows']:.1%} fewer than rows, "
+            f"{s['shared_saves_vs_real']:.1%} fewer than real); packed: {s['packed_rows_per_batch']} "
+            f"rows per batch of {s['batch_size']} pairs"
+        )
     for name, c in report["checks"].items():
         mark = (
             "ERROR"

@@ -86,21 +86,47 @@ def pairwise_loss(
     """
     _check_arguments(rewards, input_ids, loss_type, normalize_by)
     bs = input_ids.shape[0] // 2
-    rewards = rewards.astype(jnp.float32)
-
     ends = sequence_ends(input_ids, pad_id, lengths)  # (2bs,)
-    c_end, r_end = ends[:bs], ends[bs:]
-    c_ids, r_ids = input_ids[:bs], input_ids[bs:]
-    c_rewards, r_rewards = rewards[:bs], rewards[bs:]  # (bs, T)
+    differs = _differs(input_ids[:bs], input_ids[bs:], ends[:bs], ends[bs:], lengths is not None)  # (bs, T)
+    return pairwise_loss_at(
+        rewards,
+        ends,
+        jnp.argmax(differs, axis=1),
+        ~differs.any(axis=1),
+        return_loss,
+        loss_type=loss_type,
+        margins=margins,
+        center_rewards_coef=center_rewards_coef,
+        normalize_by=normalize_by,
+    )
 
-    differs = _differs(c_ids, r_ids, c_end, r_end, lengths is not None)  # (bs, T)
-    identical = ~differs.any(axis=1)
+
+def pairwise_loss_at(
+    rewards,
+    ends,
+    div,
+    identical,
+    return_loss: bool = True,
+    *,
+    loss_type: str = "span",
+    margins=None,
+    center_rewards_coef: float = 0.0,
+    normalize_by: str = "pairs",
+) -> PairwiseOutput:
+    """pairwise_loss from the pairs' geometry instead of their ids: rewards (2bs, T) at the padded
+    rows' positions, ends (2bs,), div (bs,) the first differing position (0 when identical),
+    identical (bs,). Only the span [div, max end) and the end scores are read, so rows built from
+    another layout (jaxrm.layouts) may hold anything elsewhere."""
+    bs = rewards.shape[0] // 2
+    rewards = rewards.astype(jnp.float32)
+    c_end, r_end = ends[:bs], ends[bs:]
+    c_rewards, r_rewards = rewards[:bs], rewards[bs:]  # (bs, T)
     chosen_end_scores = _score_at(c_rewards, c_end - 1)
     rejected_end_scores = _score_at(r_rewards, r_end - 1)
     margins = jnp.zeros((bs,), jnp.float32) if margins is None else jnp.asarray(margins, jnp.float32)
 
     if loss_type == "span":
-        per_pair = _span_loss(c_rewards, r_rewards, differs, jnp.maximum(c_end, r_end), margins)
+        per_pair = _span_loss(c_rewards, r_rewards, div, jnp.maximum(c_end, r_end), margins)
     else:
         per_pair = -jax.nn.log_sigmoid(chosen_end_scores - rejected_end_scores - margins)
     per_pair = jnp.where(identical, 0.0, per_pair)
@@ -129,12 +155,11 @@ def _check_arguments(rewards, input_ids, loss_type: str, normalize_by: str) -> N
         raise ValueError(f"a pair batch needs an even number of rows (chosen then rejected), got {rows}")
 
 
-def _span_loss(c_rewards, r_rewards, differs, end, margins):
+def _span_loss(c_rewards, r_rewards, div, end, margins):
     """(bs,) the original's span loss: the mean of -logsigmoid(c_r[t] - r_r[t] - margin) over
-    t in [first differing index, end). An empty span (only possible with malformed rows) gives
-    NaN, as the original's mean would."""
-    div = jnp.argmax(differs, axis=1)  # first differing index (0 if none)
-    t = jnp.arange(differs.shape[1])[None, :]  # (1, T)
+    t in [div (the first differing index), end). An empty span (only possible with malformed rows)
+    gives NaN, as the original's mean would."""
+    t = jnp.arange(c_rewards.shape[1])[None, :]  # (1, T)
     in_span = (t >= div[:, None]) & (t < end[:, None])  # (bs, T)
     token_loss = -jax.nn.log_sigmoid(c_rewards - r_rewards - margins[:, None])  # (bs, T)
     span_len = in_span.sum(axis=1)

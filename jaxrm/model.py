@@ -17,6 +17,7 @@ see jaxrm/loss.py.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -66,13 +67,13 @@ def split_heads(x, cfg: ModelConfig):
     return [parts[:, :, i] for i in range(parts.shape[2])]
 
 
-def causal_self_attention(p, x, cfg: ModelConfig, plan: Plan, attn_key, resid_key):
+def causal_self_attention(p, x, cfg: ModelConfig, plan: Plan, attn_key, resid_key, segments=None):
     """The seed's MHA: fused qkv, causal softmax attention with dropout, output projection and
-    residual dropout. x (B, T, C) -> (B, T, C)."""
+    residual dropout. x (B, T, C) -> (B, T, C). segments: kernels.causal_attention's mask, or None."""
     B, T, C = x.shape
     qkv = checkpoint_name(linear(p["c_attn"], x, cfg, plan), "qkv")  # (B, T, 3C)
     q, k, v = split_heads(qkv, cfg)  # each (B, T, nh, hs)
-    y = kernels.causal_attention(q, k, v, attn_key, cfg, plan).reshape(B, T, C)  # (B, T, C)
+    y = kernels.causal_attention(q, k, v, attn_key, cfg, plan, segments).reshape(B, T, C)  # (B, T, C)
     y = linear(p["c_proj"], checkpoint_name(y, "attn_y"), cfg, plan)
     return kernels.dropout(y, cfg.resid_pdrop, resid_key)
 
@@ -87,11 +88,11 @@ def mlp(p, x, cfg: ModelConfig, plan: Plan, key):
 # ----------------------------------------------------------------------------- the block
 
 
-def block(p, x, cfg: ModelConfig, plan: Plan, key):
+def block(p, x, cfg: ModelConfig, plan: Plan, key, segments=None):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x)). x (B, T, C)."""
     attn_key, resid_key, mlp_key = (None, None, None) if key is None else jax.random.split(key, 3)
     h = layer_norm(p["ln_1"], x, cfg.layer_norm_eps)
-    x = x + causal_self_attention(p["attn"], h, cfg, plan, attn_key, resid_key)
+    x = x + causal_self_attention(p["attn"], h, cfg, plan, attn_key, resid_key, segments)
     x = checkpoint_name(x, "x_mid")
     return x + mlp(p["mlp"], layer_norm(p["ln_2"], x, cfg.layer_norm_eps), cfg, plan, mlp_key)
 
@@ -155,20 +156,59 @@ class RewardModel(nnx.Module):
         self.reward_head = nnx.Linear(config.d_model, 1, use_bias=False, kernel_init=normal, rngs=rngs)
         self.ln_f = _layer_norm(config, rngs)
 
-    def __call__(self, input_ids, deterministic: bool = True, rngs: nnx.Rngs | None = None, plan=None):
+    def __call__(
+        self,
+        input_ids,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+        plan=None,
+        *,
+        positions=None,
+        segment_ids=None,
+        branch_ids=None,
+    ):
         """Rewards (B, T) float32 at every position. Dropout only with deterministic=False (then
-        `rngs` gives the dropout keys). `plan`: a jaxrm.plan.Plan; default: for the ids' devices."""
-        x = self.hidden_states(input_ids, deterministic, rngs, plan)  # (B, T, C)
+        `rngs` gives the dropout keys). `plan`: a jaxrm.plan.Plan; default: for the ids' devices.
+
+        For rows that hold a prompt once and its answers after it (TrainConfig.layout "shared"),
+        or several such groups (layout "packed"): `positions` (B, T) int32, each token's position
+        id (default: 0..T-1, today's causal positions, bit-identical); `segment_ids` and
+        `branch_ids` (B, T) int32: a token attends to earlier tokens of its own segment that are
+        in branch 0 (the prompt) or in its own branch (its answer); see
+        kernels.segment_visibility. Row length T may then exceed block_size; positions may not.
+        """
+        x = self.hidden_states(
+            input_ids,
+            deterministic,
+            rngs,
+            plan,
+            positions=positions,
+            segment_ids=segment_ids,
+            branch_ids=branch_ids,
+        )  # (B, T, C)
         return _reward_head(self.reward_head.kernel[...], x)
 
-    def hidden_states(self, input_ids, deterministic: bool = True, rngs: nnx.Rngs | None = None, plan=None):
-        """The final-LayerNorm output (B, T, C): what the reward head reads."""
+    def hidden_states(
+        self,
+        input_ids,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+        plan=None,
+        *,
+        positions=None,
+        segment_ids=None,
+        branch_ids=None,
+    ):
+        """The final-LayerNorm output (B, T, C): what the reward head reads (arguments: __call__)."""
         params, cfg = self._params(), self.config
-        check_input_ids(input_ids, cfg)
+        check_input_ids(input_ids, cfg, positions)
         plan = plan or _plan_for(input_ids, cfg)
-        x = _embed(params, input_ids, cfg, _dropout_key(cfg, cfg.embed_pdrop, deterministic, rngs))
+        key = _dropout_key(cfg, cfg.embed_pdrop, deterministic, rngs)
+        x = _embed(params, input_ids, cfg, key, positions)
+        segments = _segments(input_ids, segment_ids, branch_ids)
+        layer = block if segments is None else functools.partial(block, segments=segments)
         keys = _layer_keys(cfg, deterministic, rngs)
-        x = run_blocks(block, _blocks(params, cfg.num_layer), x, cfg, plan, keys)  # (B, T, C)
+        x = run_blocks(layer, _blocks(params, cfg.num_layer), x, cfg, plan, keys)  # (B, T, C)
         return layer_norm(params["ln_f"], x, cfg.layer_norm_eps)
 
     def scores_at(self, input_ids, positions, plan=None):
@@ -195,14 +235,32 @@ class RewardModel(nnx.Module):
         return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
 
-def _embed(params, input_ids, cfg: ModelConfig, key):
-    """Token + position embeddings with dropout: (B, T) -> (B, T, C). An out-of-range id gives a
-    NaN row under jit (mode="fill"), never a silently clamped one (check_input_ids refuses it
-    eagerly)."""
+def _embed(params, input_ids, cfg: ModelConfig, key, positions=None):
+    """Token + position embeddings with dropout: (B, T) -> (B, T, C); positions (B, T) or None for
+    0..T-1. An out-of-range id or position gives a NaN row under jit (mode="fill"), never a
+    silently clamped one (check_input_ids refuses it eagerly)."""
     T = input_ids.shape[1]
     wte, wpe = params["wte"]["embedding"], params["wpe"]["embedding"]
     tok = jnp.take(wte, input_ids, axis=0, mode="fill", fill_value=jnp.nan)  # (B, T, C)
-    return kernels.dropout(tok + wpe[:T][None], cfg.embed_pdrop, key)  # (B, T, C)
+    if positions is None:
+        pos = wpe[:T][None]  # (1, T, C)
+    else:
+        pos = jnp.take(wpe, jnp.asarray(positions, jnp.int32), axis=0, mode="fill", fill_value=jnp.nan)
+    return kernels.dropout(tok + pos, cfg.embed_pdrop, key)  # (B, T, C)
+
+
+def _segments(input_ids, segment_ids, branch_ids):
+    """(segment_ids, branch_ids) (B, T) int32 each for kernels.causal_attention, or None when
+    neither is given (plain causal attention); a missing one is all zeros."""
+    if segment_ids is None and branch_ids is None:
+        return None
+    zeros = jnp.zeros(input_ids.shape, jnp.int32)
+    as_ids = lambda x: zeros if x is None else jnp.asarray(x, jnp.int32)
+    segment_ids, branch_ids = as_ids(segment_ids), as_ids(branch_ids)
+    for name, x in (("segment_ids", segment_ids), ("branch_ids", branch_ids)):
+        if x.shape != input_ids.shape:
+            raise ValueError(f"{name} must have input_ids' shape {input_ids.shape}, got {x.shape}")
+    return segment_ids, branch_ids
 
 
 def _reward_head(kernel, x):
@@ -252,8 +310,9 @@ def _residual_std(config: ModelConfig) -> float:
     return INIT_STD / math.sqrt(2 * config.num_layer)
 
 
-def check_input_ids(input_ids, config: ModelConfig) -> None:
-    """Clear errors for bad ids: shape and dtype always; values too when they are concrete (not traced)."""
+def check_input_ids(input_ids, config: ModelConfig, positions=None) -> None:
+    """Clear errors for bad ids (and position ids): shape and dtype always; values too when they
+    are concrete (not traced). Without positions the row length is the position limit."""
     if getattr(input_ids, "ndim", None) != 2:
         raise ValueError(
             f"input_ids must have shape (B, T), got {getattr(input_ids, 'shape', type(input_ids))}"
@@ -261,8 +320,10 @@ def check_input_ids(input_ids, config: ModelConfig) -> None:
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise ValueError(f"input_ids must be integers, got dtype {input_ids.dtype}")
     T = input_ids.shape[1]
-    if T > config.block_size:
+    if positions is None and T > config.block_size:
         raise ValueError(f"sequence length {T} exceeds block_size={config.block_size}")
+    if positions is not None:
+        _check_positions(positions, input_ids.shape, config)
     if isinstance(input_ids, jax.core.Tracer):
         return
     bad = first_out_of_range(input_ids, config.vocab_size)
@@ -270,4 +331,20 @@ def check_input_ids(input_ids, config: ModelConfig) -> None:
         row, col, token = bad
         raise ValueError(
             f"token id {token} at row {row}, position {col} is outside [0, vocab_size={config.vocab_size})"
+        )
+
+
+def _check_positions(positions, shape, config: ModelConfig) -> None:
+    """positions must have the ids' shape and, when concrete, lie in [0, block_size)."""
+    if getattr(positions, "shape", None) != tuple(shape):
+        raise ValueError(
+            f"positions must have input_ids' shape {tuple(shape)}, got {getattr(positions, 'shape', None)}"
+        )
+    if isinstance(positions, jax.core.Tracer):
+        return
+    bad = first_out_of_range(positions, config.block_size)
+    if bad is not None:
+        row, col, value = bad
+        raise ValueError(
+            f"position id {value} at row {row}, column {col} is outside [0, block_size={config.block_size})"
         )

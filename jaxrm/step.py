@@ -6,6 +6,12 @@ makes it from the data layer's batches:
     margins    (B,) float32
     lengths    (2, B) int32, each row's number of real tokens (read with TrainConfig.lengths="explicit")
 Inside, the model and the loss see the original's rows: (2B, T), chosen rows then rejected rows.
+
+With TrainConfig.layout "shared" or "packed" the steps take the same batches and, on the host,
+turn them into that layout's rows (jaxrm.layouts: each prompt once, position, segment and branch
+ids, and where each padded row's rewards are read); the model runs on those rows, the rewards are
+gathered back to the padded rows' positions, and the loss is the same function of them
+(jaxrm.loss.pairwise_loss_at). One device, one micro-batch.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxrm import sharding as shd
 from jaxrm.config import ModelConfig, TrainConfig
-from jaxrm.loss import identical_pairs, loss_denominators, pairwise_loss, reduce_loss
+from jaxrm.layouts import to_layout
+from jaxrm.loss import identical_pairs, loss_denominators, pairwise_loss, pairwise_loss_at, reduce_loss
 from jaxrm.metrics import pair_metrics
 from jaxrm.optim import learning_rate, make_optimizer
 from jaxrm.plan import execution_plan
@@ -160,6 +167,20 @@ def _update_if_finite(state: TrainState, grads, loss, tc: TrainConfig):
     return new_state, grad_norm, finite
 
 
+def _finish_step(state: TrainState, loss, out, grads, tc: TrainConfig):
+    """(new state, metrics) of a step from its loss, per-pair outputs and gradient."""
+    new_state, grad_norm, finite = _update_if_finite(state, grads, loss, tc)
+    lr = learning_rate(
+        state.step,
+        peak=tc.learning_rate,
+        min_lr=tc.min_lr,
+        warmup_steps=tc.warmup_steps,
+        decay_steps=tc.decay_steps,
+    )
+    stats = pair_metrics(out.chosen_end_scores, out.rejected_end_scores, out.identical, loss)
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite, **stats}
+
+
 def make_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh=None):
     """jit(train_step)(state, batch) -> (state, metrics), the state donated; batch in the steps'
     layout (module docstring). metrics: loss, grad_norm, lr, finite and jaxrm.metrics.pair_metrics.
@@ -174,6 +195,8 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh=N
     in the interleaved pairs, so a sharded run computes the same function as one device.
     """
     tc, k = train_config, train_config.grad_accum_steps
+    if tc.layout != "rows":
+        return _layout_train_step(model_config, tc, mesh)
     if mesh is not None:
         shd.batch_size_per_shard(mesh, tc.batch_size, k)
     grad_fn = jax.value_and_grad(_make_objective(model_config, tc, mesh), has_aux=True)
@@ -187,16 +210,7 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh=N
         loss, out, grads = _gradients(
             grad_fn, state.params, batch, key, loss_denominators(identical, tc.normalize_by), k
         )
-        new_state, grad_norm, finite = _update_if_finite(state, grads, loss, tc)
-        lr = learning_rate(
-            state.step,
-            peak=tc.learning_rate,
-            min_lr=tc.min_lr,
-            warmup_steps=tc.warmup_steps,
-            decay_steps=tc.decay_steps,
-        )
-        stats = pair_metrics(out.chosen_end_scores, out.rejected_end_scores, out.identical, loss)
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite, **stats}
+        return _finish_step(state, loss, out, grads, tc)
 
     if mesh is None:
         return _jit_step(train_step, tc)
@@ -208,6 +222,94 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh=N
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, NamedSharding(mesh, P())),
     )
+
+
+# -----------------------------------------------------------------------------
+# the shared and packed layouts (jaxrm.layouts)
+
+
+def layout_rewards(model, batch: dict, deterministic: bool = True, key=None, plan=None):
+    """Rewards (2B, Tv) at the padded rows' positions, chosen rows then rejected, of a layout
+    batch: the model on its rows (R, L), then each read position gathered (0 where not carried:
+    never read by the loss)."""
+    R, L = batch["input_ids"].shape
+    rewards = model(
+        batch["input_ids"],
+        deterministic=deterministic,
+        rngs=nnx.Rngs(dropout=key) if key is not None else None,
+        plan=plan or execution_plan(model.config, R, L, jax.devices()),
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        branch_ids=batch["branch_ids"],
+    )  # (R, L)
+    read = batch["read"]  # (2, B, Tv)
+    gathered = jnp.take(rewards.reshape(-1), jnp.maximum(read, 0), axis=0)  # (2, B, Tv)
+    return jnp.where(read >= 0, gathered, 0.0).reshape(-1, read.shape[-1])  # (2B, Tv)
+
+
+def layout_loss(rewards, batch: dict, tc: TrainConfig, return_loss: bool = True):
+    """jaxrm.loss.pairwise_loss_at on layout_rewards' rows, with the layout batch's geometry."""
+    return pairwise_loss_at(
+        rewards,
+        batch["ends"].reshape(-1),  # (2B,)
+        batch["div"],
+        batch["identical"],
+        return_loss,
+        loss_type=tc.loss_type,
+        margins=batch["margins"] if tc.use_margins else None,
+        center_rewards_coef=tc.center_rewards_coef,
+        normalize_by=tc.normalize_by,
+    )
+
+
+def _check_layout_step(tc: TrainConfig, mesh) -> None:
+    if mesh is not None or tc.grad_accum_steps != 1:
+        raise ValueError(
+            f"layout={tc.layout!r} runs on one device with grad_accum_steps=1 (got a mesh: "
+            f"{mesh is not None}, grad_accum_steps={tc.grad_accum_steps}); use layout=rows for those"
+        )
+
+
+def _host_layout(batch: dict, tc: TrainConfig, model_config: ModelConfig) -> dict:
+    """A steps'-layout batch (module docstring) in tc.layout, on the host (jaxrm.layouts.to_layout)."""
+    batch = jax.device_get(batch)
+    row_len = batch["input_ids"].shape[-1]  # packed rows of the padded length: never longer
+    return to_layout(batch, tc.layout, model_config.pad_id, tc.lengths == "explicit", row_len)
+
+
+def _layout_train_step(model_config: ModelConfig, tc: TrainConfig, mesh):
+    """make_train_step for tc.layout "shared" / "packed": same state, batches and metrics."""
+    _check_layout_step(tc, mesh)
+    graphdef = model_graphdef(model_config)
+
+    def objective(params, batch, key, denominators):
+        model = nnx.merge(graphdef, params)
+        rewards = layout_rewards(model, batch, not model_config.has_dropout, key)
+        out = layout_loss(rewards, batch, tc, return_loss=False)
+        return reduce_loss(out.per_pair_loss, out.centered, *denominators, tc.center_rewards_coef), out
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        denominators = loss_denominators(batch["identical"], tc.normalize_by)
+        (loss, out), grads = grad_fn(state.params, batch, key, denominators)
+        return _finish_step(state, loss, out, grads, tc)
+
+    step = _jit_step(train_step, tc)
+    return lambda state, batch: step(state, _host_layout(batch, tc, model_config))
+
+
+def _layout_eval_step(model_config: ModelConfig, tc: TrainConfig):
+    """make_eval_step for tc.layout "shared" / "packed"."""
+    graphdef = model_graphdef(model_config)
+
+    def eval_step(params, batch):
+        out = layout_loss(layout_rewards(nnx.merge(graphdef, params), batch), batch, tc, return_loss=False)
+        return _eval_outputs(out)
+
+    step = jax.jit(eval_step)
+    return lambda params, batch: step(params, _host_layout(batch, tc, model_config))
 
 
 # -----------------------------------------------------------------------------
@@ -268,6 +370,8 @@ def make_eval_step(model_config: ModelConfig, train_config: TrainConfig):
     """jit(eval_step)(params, batch) -> per-pair (B,) arrays: "chosen" and "rejected" end scores,
     "identical" flags, "loss" terms and "centered" terms (jaxrm.evaluate reduces them); batch in
     the steps' layout (module docstring); no dropout."""
+    if train_config.layout != "rows":
+        return _layout_eval_step(model_config, train_config)
     graphdef = model_graphdef(model_config)
 
     def eval_step(params, batch):
@@ -277,12 +381,16 @@ def make_eval_step(model_config: ModelConfig, train_config: TrainConfig):
         out = pairwise_loss(
             rewards, rows["input_ids"], model_config.pad_id, **_loss_options(train_config, rows)
         )
-        return {
-            "chosen": out.chosen_end_scores,
-            "rejected": out.rejected_end_scores,
-            "identical": out.identical,
-            "loss": out.per_pair_loss,
-            "centered": out.centered,
-        }
+        return _eval_outputs(out)
 
     return jax.jit(eval_step)
+
+
+def _eval_outputs(out) -> dict:
+    return {
+        "chosen": out.chosen_end_scores,
+        "rejected": out.rejected_end_scores,
+        "identical": out.identical,
+        "loss": out.per_pair_loss,
+        "centered": out.centered,
+    }
