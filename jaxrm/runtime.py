@@ -160,7 +160,7 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8  # <ma
 GLIBC_TUNING = (
     ("M_ARENA_MAX", _M_ARENA_MAX, 1),
     ("M_MMAP_MAX", _M_MMAP_MAX, 0),
-    ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD, 2**31 - 1),
+    ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD, -1),  # -1: never give freed memory back (man mallopt)
     ("M_TOP_PAD", _M_TOP_PAD, 512 * 2**20),
 )
 _tuned: list[str] = []
