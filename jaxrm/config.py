@@ -128,7 +128,9 @@ NONFINITE_POLICIES = ("stop", "skip")
 DEBUG_CHECKS = ("off", "checkify", "nans")  # TrainConfig.debug_checks (jaxrm/step.py)
 LENGTHS = ("first_pad", "explicit")  # TrainConfig.lengths: where a sequence ends
 LAYOUTS = ("rows", "shared", "packed")  # TrainConfig.layout: how pairs become model rows (jaxrm/layouts.py)
-LOSS_TYPES = ("span", "last_token")  # TrainConfig.loss_type (jaxrm/loss.py)
+PAIR_LOSSES = ("span", "last_token")  # pair losses on padded rows (jaxrm/loss.py)
+RANKING_LOSSES = ("plackett_luce", "all_pairs")  # listwise losses on K responses (jaxrm/ranking.py)
+LOSS_TYPES = PAIR_LOSSES + RANKING_LOSSES  # TrainConfig.loss_type
 NORMALIZE_BY = ("pairs", "nonidentical")  # TrainConfig.normalize_by: the loss's denominator
 TRUNCATIONS = ("drop", "error", "left")  # TrainConfig.truncation: over-long pairs (jaxrm/data.py)
 COORDINATOR_TIMEOUT_S = 300  # how long a process waits to join a multi-process job (jaxrm/sharding.py)
@@ -152,7 +154,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables
     # loss (defaults: the original)
-    loss_type: str = "span"
+    loss_type: str = "span"  # span | last_token (pairs) | plackett_luce | all_pairs (K-wise rankings)
     use_margins: bool = False  # subtract the data's per-pair margin inside the logsigmoid
     center_rewards_coef: float = 0.0
     normalize_by: str = "pairs"
@@ -224,6 +226,11 @@ class TrainConfig:
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.loss_type in RANKING_LOSSES and (self.use_margins or self.center_rewards_coef):
+            raise ValueError(
+                f"TrainConfig.loss_type={self.loss_type!r} (rankings) takes no use_margins or "
+                f"center_rewards_coef; those are pair-loss options"
+            )
         if not self.learning_rate > 0:
             raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.min_lr <= self.learning_rate:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxrm.config import LAYOUTS  # noqa: F401  (TrainConfig.layout's choices)
+from jaxrm.config import LAYOUTS
 
 
 def pair_geometry(chosen: np.ndarray, rejected: np.ndarray, c_end: int, r_end: int, explicit: bool):
@@ -213,3 +213,82 @@ def layout_savings(
         "shared_saves_vs_real": share(totals["shared"], totals["real"]),
         "packed_rows_per_batch": round(float(np.mean(packed_rows)), 2) if packed_rows else 0.0,
     }
+
+
+# ----------------------------------------------------------------------------- K-wise rankings
+
+
+def common_prefix(sequences: list) -> int:
+    """How many leading token ids all the sequences share."""
+    n = min(map(len, sequences))
+    for seq in sequences[1:]:
+        differs = np.asarray(seq[:n]) != np.asarray(sequences[0][:n])
+        n = int(np.argmax(differs)) if differs.any() else n
+    return n
+
+
+def ranking_groups(batch: dict, share: bool) -> tuple[list, list[list[int]]]:
+    """The groups of a ranking batch (module docstring of jaxrm.ranking_step: input_ids (M, T),
+    lengths (M,), offsets (N + 1,)) and, per prompt, the groups holding its responses in order.
+    share: one group per prompt, its prefix the first p = min(common token prefix, shortest - 1)
+    tokens and one suffix per response; else one group per response (no prefix)."""
+    ids, lengths, offsets = batch["input_ids"], batch["lengths"], batch["offsets"]
+    sequences = [ids[m, : lengths[m]] for m in range(len(lengths))]
+    groups, members = [], []
+    for i in range(len(offsets) - 1):
+        mine = sequences[offsets[i] : offsets[i + 1]]
+        if share:
+            p = min(common_prefix(mine), min(map(len, mine)) - 1)
+            members.append([len(groups)])
+            groups.append((mine[0][:p], [s[p:] for s in mine], p))
+        else:
+            members.append(list(range(len(groups), len(groups) + len(mine))))
+            groups += [(s[:0], [s], 0) for s in mine]
+    return groups, members
+
+
+def _pad_rows(out: dict, R: int, pad_id: int) -> dict:
+    """The token rows padded with rows of padding to R rows (fewer distinct shapes to compile)."""
+    for name in ("input_ids", "positions", "segment_ids", "branch_ids"):
+        if name in out and out[name].shape[0] < R:
+            fill = pad_id if name == "input_ids" else 0
+            extra = np.full((R - out[name].shape[0], out[name].shape[1]), fill, np.int32)
+            out[name] = np.concatenate([out[name], extra])  # (R, L)
+    return out
+
+
+def ranking_batch(batch: dict, layout: str, pad_id: int, row_len: int, multiple: int = 8) -> dict:
+    """A ranking batch in `layout`: the model's token rows and where each response's end score is.
+
+    rows: one padded row per response (the reference: plain causal rows, no position / segment /
+    branch ids); shared: one row per prompt, [prefix][response 1]...[response K]; packed: those
+    groups first fit into rows of max(row_len, the longest group) tokens. Out: the token rows
+    (R, L) (R rounded up to a multiple of 8); ends (N, K) the flat index (row * L + column) of each
+    response's last token; ranks (N, K) and valid (N, K), K the largest group rounded up to a power
+    of two (slots past a prompt's responses are not valid); prompt_valid (N,) from the batch's
+    "valid" (eval's filler prompts) or all True."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    groups, members = ranking_groups(batch, share=layout != "rows")
+    if layout == "packed":
+        rows = pack(groups, max(row_len, max(map(group_length, groups))))
+    else:
+        rows = [[g] for g in range(len(groups))]
+    tokens, starts = layout_rows(groups, rows, pad_id, multiple)
+    tokens = _pad_rows(tokens, -(-len(rows) // 8) * 8, pad_id)
+    if layout == "rows":
+        tokens = {"input_ids": tokens["input_ids"]}
+    ends = [
+        [start + len(suffix) - 1 for g in mine for start, suffix in zip(starts[g], groups[g][1], strict=True)]
+        for mine in members
+    ]
+    sizes = np.diff(batch["offsets"])  # (N,) responses per prompt
+    K = 1 << max(1, int(sizes.max() - 1).bit_length())  # a power of two >= 2
+    N = len(sizes)
+    out = {**tokens, "ends": np.zeros((N, K), np.int32), "ranks": np.zeros((N, K), np.int32)}
+    out["valid"] = np.arange(K)[None, :] < sizes[:, None]  # (N, K)
+    for i, (mine, start) in enumerate(zip(ends, batch["offsets"][:-1], strict=True)):
+        out["ends"][i, : len(mine)] = mine
+        out["ranks"][i, : len(mine)] = batch["ranks"][start : start + len(mine)]
+    out["prompt_valid"] = np.asarray(batch.get("valid", np.ones(N, bool)), bool)
+    return out

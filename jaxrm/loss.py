@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrm.config import LOSS_TYPES, NORMALIZE_BY
+from jaxrm.config import NORMALIZE_BY, PAIR_LOSSES
 from jaxrm.metrics import counted_mean
 from jaxrm.tokenizer import first_out_of_range
 
@@ -144,8 +144,8 @@ def pairwise_loss_at(
 
 
 def _check_arguments(rewards, input_ids, loss_type: str, normalize_by: str) -> None:
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type not in PAIR_LOSSES:
+        raise ValueError(f"loss_type must be one of {PAIR_LOSSES}, got {loss_type!r}")
     if normalize_by not in NORMALIZE_BY:
         raise ValueError(f"normalize_by must be one of {NORMALIZE_BY}, got {normalize_by!r}")
     if rewards.shape != input_ids.shape or rewards.ndim != 2:

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-RANKING_LOSSES = ("plackett_luce", "all_pairs")
+from jaxrm.config import RANKING_LOSSES
+
 _NEG = -1e30  # "not in the sum" for logsumexp: finite, so the gradient stays finite
 
 
@@ -42,9 +43,11 @@ def ranking_loss(scores, ranks, valid, loss_type: str = "plackett_luce"):
         terms = -jax.nn.log_sigmoid(s[:, :, None] - s[:, None, :])  # (N, K, K)
         return jnp.where(better, terms, 0.0).sum((1, 2)) / jnp.maximum(better.sum((1, 2)), 1)
     as_good_or_worse = (ranks[:, None, :] >= ranks[:, :, None]) & valid[:, None, :]  # (N, j, l)
-    lse = jax.nn.logsumexp(jnp.where(as_good_or_worse, s[:, None, :], _NEG), axis=2)  # (N, K)
+    # logsumexp_l(r_l) - r_j as logsumexp_l(r_l - r_j): a function of score differences only, so
+    # a shift of every score (e.g. the head's bias) gets a gradient of exactly 0, as for pairs
+    lse = jax.nn.logsumexp(jnp.where(as_good_or_worse, s[:, None, :] - s[:, :, None], _NEG), axis=2)
     counted = better.any(axis=2)  # j is preferred to someone: not in the worst group
-    return jnp.where(counted, lse - s, 0.0).sum(axis=1)
+    return jnp.where(counted, lse, 0.0).sum(axis=1)  # (N,)
 
 
 # ----------------------------------------------------------------------------- eval metrics

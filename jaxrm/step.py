@@ -167,8 +167,9 @@ def _update_if_finite(state: TrainState, grads, loss, tc: TrainConfig):
     return new_state, grad_norm, finite
 
 
-def _finish_step(state: TrainState, loss, out, grads, tc: TrainConfig):
-    """(new state, metrics) of a step from its loss, per-pair outputs and gradient."""
+def finish_update(state: TrainState, loss, grads, tc: TrainConfig, stats: dict):
+    """(new state, metrics) of a step from its loss, gradient and batch statistics: the AdamW
+    update (kept only when finite), and metrics = stats + loss, grad_norm, lr, finite."""
     new_state, grad_norm, finite = _update_if_finite(state, grads, loss, tc)
     lr = learning_rate(
         state.step,
@@ -177,8 +178,13 @@ def _finish_step(state: TrainState, loss, out, grads, tc: TrainConfig):
         warmup_steps=tc.warmup_steps,
         decay_steps=tc.decay_steps,
     )
+    return new_state, {**stats, "loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite}
+
+
+def _finish_step(state: TrainState, loss, out, grads, tc: TrainConfig):
+    """finish_update with the pair statistics of the step's per-pair outputs."""
     stats = pair_metrics(out.chosen_end_scores, out.rejected_end_scores, out.identical, loss)
-    return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite, **stats}
+    return finish_update(state, loss, grads, tc, stats)
 
 
 def make_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh=None):
@@ -213,10 +219,10 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh=N
         return _finish_step(state, loss, out, grads, tc)
 
     if mesh is None:
-        return _jit_step(train_step, tc)
+        return jit_step(train_step, tc)
     state_shardings = shd.state_shardings(abstract_train_state(model_config, tc), mesh)
     batch_shardings = shd.batch_shardings(mesh, lengths=tc.lengths == "explicit")
-    return _jit_step(
+    return jit_step(
         train_step,
         tc,
         in_shardings=(state_shardings, batch_shardings),
@@ -296,7 +302,7 @@ def _layout_train_step(model_config: ModelConfig, tc: TrainConfig, mesh):
         (loss, out), grads = grad_fn(state.params, batch, key, denominators)
         return _finish_step(state, loss, out, grads, tc)
 
-    step = _jit_step(train_step, tc)
+    step = jit_step(train_step, tc)
     return lambda state, batch: step(state, _host_layout(batch, tc, model_config))
 
 
@@ -316,7 +322,7 @@ def _layout_eval_step(model_config: ModelConfig, tc: TrainConfig):
 # compiling it, with TrainConfig.debug_checks
 
 
-def _jit_step(train_step, tc: TrainConfig, **shardings):
+def jit_step(train_step, tc: TrainConfig, **shardings):
     """jit(train_step) with the state donated; with tc.debug_checks, a host-side wrapper around it
     that raises TrainingError naming the step and the fault (one device sync per step: debugging only).
 
