@@ -158,7 +158,7 @@ def _loads(text: str, where: str, *, one_line: bool = False):
         raise DataError(f"{where}: malformed JSON (nested too deeply)") from None
 
 
-def valid_unicode(value: str, where: str, key: str) -> str:
+def _unicode(value: str, where: str, key: str) -> str:
     """A JSON escape can hold a lone surrogate (\\ud800): not text any tokenizer can encode."""
     try:
         value.encode("utf-8")
@@ -171,11 +171,15 @@ def valid_unicode(value: str, where: str, key: str) -> str:
 
 def text_field(obj, key, where) -> str:
     """obj[key] as text: a string, or chat messages rendered with CHAT_TEMPLATE."""
-    value = obj.get(key)
+    return text_value(obj.get(key), where, key)
+
+
+def text_value(value, where: str, key: str) -> str:
+    """A string, or chat messages rendered with CHAT_TEMPLATE; errors name `where` and `key`."""
     if isinstance(value, list):
-        return valid_unicode(render_chat(value, where, key), where, key)
+        return _unicode(render_chat(value, where, key), where, key)
     if isinstance(value, str):
-        return valid_unicode(value, where, key)
+        return _unicode(value, where, key)
     raise DataError(
         f"{where}: {key!r} must be a string or a list of chat messages, got {type(value).__name__}"
     )
