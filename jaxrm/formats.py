@@ -61,12 +61,13 @@ class PreferencePair:
     subset: str | None = field(default=None, compare=False)  # the "subset" column: a label for eval's tables
 
 
-def pair_location(source: str, i: int, pair, with_index: bool = False) -> str:
-    """Where pair i is: "FILE:LINE" (+ " (pair i)" with_index) when it knows its line, else "FILE: pair i"."""
+def pair_location(source: str, i: int, pair, with_index: bool = False, item: str = "pair") -> str:
+    """Where pair i is: "FILE:LINE" (+ " (pair i)" with_index) when it knows its line, else "FILE: pair i".
+    `item` names what it is in place of "pair" (e.g. "ranking")."""
     line = getattr(pair, "line", None)
     if not line:
-        return f"{source}: pair {i}"
-    return f"{source}:{line} (pair {i})" if with_index else f"{source}:{line}"
+        return f"{source}: {item} {i}"
+    return f"{source}:{line} ({item} {i})" if with_index else f"{source}:{line}"
 
 
 def common_prefix_len(a, b) -> int:
@@ -77,6 +78,11 @@ def common_prefix_len(a, b) -> int:
             break
         n += 1
     return n
+
+
+def shared_prefix_len(seqs) -> int:
+    """How many leading items (characters, token ids) all of K >= 1 sequences share."""
+    return min(common_prefix_len(seqs[0], s) for s in seqs)
 
 
 def is_float32(value) -> bool:
@@ -132,8 +138,7 @@ def render_chat(messages, where: str, key: str) -> str:
 def split_shared_prefix(texts) -> tuple[str, tuple[str, ...]]:
     """(prompt, answers) of K >= 1 texts: the longest prefix they all share, cut back to position 0
     or to just after a whitespace character, and each text's rest (in the given order)."""
-    first = texts[0]
-    n = min(common_prefix_len(first, t) for t in texts)
+    first, n = texts[0], shared_prefix_len(texts)
     while n > 0 and not first[n - 1].isspace():
         n -= 1
     return first[:n], tuple(t[n:] for t in texts)
