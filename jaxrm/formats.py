@@ -1,4 +1,5 @@
-"""Preference files in the formats users have -> PreferencePair lists (load_pairs); the pair types.
+"""Preference files in the formats users have -> PreferencePair lists (load_pairs); the pair types;
+the file readers (load_rows) that rankings (jaxrm/ranking_formats.py) share.
 
 Files, by name:
     *.jsonl, *.jsonl.gz (and any other name: JSON Lines)   one JSON object per line
@@ -23,6 +24,13 @@ Rows (column names configurable, see Columns / TrainConfig.*_key):
     margin              an optional number per pair ("margin"); empty / null = none.
     subset              an optional label per pair ("subset", e.g. RewardBench's subset names); `jaxrm
         eval` reports accuracy per label; empty / null = none. A number is read as its text.
+    rankings            a prompt with K >= 2 ranked responses, read by load_rankings
+        (jaxrm/ranking_formats.py; K varies from row to row): {"prompt", "responses": [best, ...,
+        worst]}, Nectar's {"prompt", "answers": [{"answer", "rank"}, ...]} (rank 1 = best), or
+        {"prompt", "completions": [...], "scores": [...]} (higher = better); equal ranks or scores
+        are ties (no preference either way, never ordered at random); responses and prompt may be
+        chat messages, the prompt may be implicit (the prefix all K texts share); a pair row is
+        the K = 2 case. Not in CSV (its cells cannot hold lists): JSON Lines, JSON, Parquet, datasets.
 A sequence is tokenizer.encode(prompt + answer) (or the given ids): the prompt split changes no
 token; it is what lint reports and what prompt truncation may cut.
 Locations in errors: "FILE:LINE" for JSON Lines, "FILE: row N" (1-based, header excluded) otherwise.

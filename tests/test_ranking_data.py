@@ -337,6 +337,9 @@ def test_too_long_prompts_drop_error_or_cut_on_the_left():
         ("456789abc z", 3),
     ]  # 4 cut from each
     assert stats["truncated_left"] == 1 and stats["dropped_too_long"] == 1 and stats["max_len"] == 12
+    no_prompt_left = Ranking("abcdefgh ", ("x" * 12, "y"), (1, 2))  # the cut (9) would take the whole prompt
+    with pytest.raises(DataError, match="no rankings left"):
+        encode_rankings([no_prompt_left], BYTE, truncation="left", **settings)
 
 
 def test_bad_sequences_name_the_ranking_and_the_response():
