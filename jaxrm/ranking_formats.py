@@ -99,12 +99,12 @@ def row_to_ranking(obj, where: str, row: int, cols: Columns) -> Ranking:
         )
     key = present[0]
     if key == cols.responses:
-        texts = [text_value(v, where, f"{key}[{j}]") for j, v in enumerate(_response_list(obj, key, where))]
+        texts = _response_texts(obj, key, where)
         ranks = tuple(range(1, len(texts) + 1))
     elif key == cols.answers:
         texts, ranks = _nectar_answers(obj, key, where)
     else:
-        texts = [text_value(v, where, f"{key}[{j}]") for j, v in enumerate(_response_list(obj, key, where))]
+        texts = _response_texts(obj, key, where)
         ranks = dense_ranks([-s for s in _scores(obj, cols.scores, len(texts), where)])
     if cols.prompt in obj:
         prompt, texts = text_field(obj, cols.prompt, where), tuple(texts)
@@ -141,6 +141,11 @@ def _response_list(obj: dict, key: str, where: str) -> list:
     if len(value) < 2:
         raise DataError(f"{where}: {key!r} has {len(value)} response(s); a ranking needs at least 2")
     return value
+
+
+def _response_texts(obj: dict, key: str, where: str) -> list[str]:
+    """obj[key]: K >= 2 responses, each a string or chat messages (rendered)."""
+    return [text_value(v, where, f"{key}[{j}]") for j, v in enumerate(_response_list(obj, key, where))]
 
 
 def _nectar_answers(obj: dict, key: str, where: str) -> tuple[list[str], tuple[int, ...]]:
