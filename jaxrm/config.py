@@ -168,6 +168,10 @@ class TrainConfig:
     margin_key: str = "margin"
     chosen_ids_key: str = "input_ids_chosen"
     rejected_ids_key: str = "input_ids_rejected"
+    responses_key: str = "responses"  # ranking rows (jaxrm/ranking_formats.py): responses best first,
+    answers_key: str = "answers"  # Nectar's [{"answer", "rank"}],
+    completions_key: str = "completions"  # or completions with their scores
+    scores_key: str = "scores"
     seq_len: int = 0  # padded length T; 0 = block_size
     truncation: str = "drop"  # over-long pairs: drop | error | left (cut the shared prompt from the left)
     lengths: str = "first_pad"  # sequence ends: first_pad (the original: the first PAD ends a sequence) |

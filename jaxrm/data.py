@@ -22,10 +22,10 @@ from jaxrm.formats import (
     Columns,
     DataError,
     PreferencePair,
-    common_prefix_len,
     is_float32,
     load_pairs,
     pair_location,
+    shared_prefix_len,
 )
 from jaxrm.tokenizer import first_out_of_range
 
@@ -84,14 +84,9 @@ def encode_pairs(
     is an error. lengths="explicit": the batches' "lengths" end the sequences (TrainConfig.lengths),
     so a PAD / end-of-text id inside a text is ordinary data. chosen_lengths / rejected_lengths are
     the true lengths either way."""
-    if truncation not in TRUNCATIONS:
-        raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
-    if lengths not in LENGTHS:
-        raise ValueError(f"lengths must be one of {LENGTHS}, got {lengths!r}")
-    if seq_len < 1 or not 0 <= pad_id < vocab_size:
-        raise ValueError(
-            f"need seq_len >= 1 and 0 <= pad_id < vocab_size, got {seq_len=}, {pad_id=}, {vocab_size=}"
-        )
+    check_encoding(
+        truncation=truncation, lengths=lengths, seq_len=seq_len, pad_id=pad_id, vocab_size=vocab_size
+    )
     stats = {
         "pairs_in": len(pairs),
         "pairs_kept": 0,
@@ -119,52 +114,85 @@ def encode_pairs(
     return data, stats
 
 
+def check_encoding(*, truncation: str, lengths: str, seq_len: int, pad_id: int, vocab_size: int) -> None:
+    """A ValueError for settings that cannot work (an unknown policy, pad_id outside the vocabulary)."""
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+    if lengths not in LENGTHS:
+        raise ValueError(f"lengths must be one of {LENGTHS}, got {lengths!r}")
+    if seq_len < 1 or not 0 <= pad_id < vocab_size:
+        raise ValueError(
+            f"need seq_len >= 1 and 0 <= pad_id < vocab_size, got {seq_len=}, {pad_id=}, {vocab_size=}"
+        )
+
+
 def _checked_ids(
     p: PreferencePair, tokenizer, where: str, *, pad_id: int, vocab_size: int, lengths: str
 ) -> tuple[list[int], list[int]]:
     """pair_ids(p), after the checks that refuse the pair (a DataError naming `where`)."""
     if p.chosen_ids is None:
-        try:  # a lone surrogate ("\\ud800" in JSON) is not text: never encode it (or replace it) silently
-            (p.prompt + p.chosen + p.rejected).encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise DataError(f"{where}: text is not valid Unicode ({e.reason})") from None
+        check_unicode(p.prompt + p.chosen + p.rejected, where)
     c, r = pair_ids(p, tokenizer)
     for side, ids in (("chosen", c), ("rejected", r)):
-        if not ids:
-            raise DataError(f"{where}: prompt + {side} encodes to zero tokens")
-        bad = first_out_of_range(ids, vocab_size)
-        if bad is not None:
-            raise DataError(
-                f"{where}: {side} has token id {bad[-1]} outside [0, {vocab_size}): "
-                f"the tokenizer's vocabulary is larger than the model's"
-            )
-        if pad_id in ids and lengths == "first_pad":
-            raise DataError(
-                f"{where}: {side} contains the pad id {pad_id} at token "
-                f"{ids.index(pad_id)} inside the real text (would end the sequence early; "
-                f"--lengths=explicit keeps it as text)"
-            )
+        check_sequence(ids, side, where, pad_id=pad_id, vocab_size=vocab_size, lengths=lengths)
     if p.margin is not None and not is_float32(p.margin):  # NaN, inf, float32 overflow
         raise DataError(f"{where}: margin {p.margin} is not a finite float32")
     return c, r
 
 
+def check_unicode(text: str, where: str) -> None:
+    """A lone surrogate ("\\ud800" in JSON) is not text: never encode it (or replace it) silently."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: text is not valid Unicode ({e.reason})") from None
+
+
+def check_sequence(ids: list[int], what: str, where: str, *, pad_id: int, vocab_size: int, lengths: str):
+    """Refuse one encoded sequence (prompt + `what`, e.g. "chosen" / "response 2") that has no
+    token, an id outside the model's vocabulary, or (lengths="first_pad") a PAD inside the text;
+    the DataError names `where` and `what`."""
+    if not ids:
+        raise DataError(f"{where}: prompt + {what} encodes to zero tokens")
+    bad = first_out_of_range(ids, vocab_size)
+    if bad is not None:
+        raise DataError(
+            f"{where}: {what} has token id {bad[-1]} outside [0, {vocab_size}): "
+            f"the tokenizer's vocabulary is larger than the model's"
+        )
+    if pad_id in ids and lengths == "first_pad":
+        raise DataError(
+            f"{where}: {what} contains the pad id {pad_id} at token "
+            f"{ids.index(pad_id)} inside the real text (would end the sequence early; "
+            f"--lengths=explicit keeps it as text)"
+        )
+
+
 def _fit(c: list[int], r: list[int], seq_len: int, truncation: str, where: str, stats: dict):
-    """(c, r) within seq_len (cut on the left with truncation="left"), or None for a dropped pair
-    (identical, or too long); counts what it does in `stats`."""
+    """(c, r) within seq_len (fit_sequences), or None for a dropped pair (identical, or too long);
+    counts what it does in `stats`."""
     if c == r:
         stats["dropped_identical"] += 1
         return None
-    cut = max(len(c), len(r)) - seq_len
-    if cut > 0 and truncation == "left" and cut < common_prefix_len(c, r):
-        c, r = c[cut:], r[cut:]
+    return fit_sequences([c, r], seq_len, truncation, where, stats)
+
+
+def fit_sequences(seqs: list[list[int]], seq_len: int, truncation: str, where: str, stats: dict):
+    """K distinct sequences within seq_len, or None when they do not fit (counted in
+    stats["dropped_too_long"]; truncation="error" raises). truncation="left" cuts the same number
+    of tokens from the left of every sequence when that leaves at least one token of their common
+    prefix (the prompt), counted in stats["truncated_left"]; distinct sequences stay distinct."""
+    cut = max(map(len, seqs)) - seq_len
+    if cut > 0 and truncation == "left" and cut < shared_prefix_len(seqs):
+        seqs = [s[cut:] for s in seqs]
         stats["truncated_left"] += 1
-    if max(len(c), len(r)) > seq_len:
+    longest = max(map(len, seqs))
+    if longest > seq_len:
         if truncation == "error":
-            raise DataError(f"{where}: {max(len(c), len(r))} tokens > seq_len {seq_len}")
+            raise DataError(f"{where}: {longest} tokens > seq_len {seq_len}")
         stats["dropped_too_long"] += 1
         return None
-    return c, r
+    return seqs
 
 
 def _padded(kept: list, seq_len: int, pad_id: int) -> EncodedPairs:
@@ -325,16 +353,19 @@ def load_split(run: RunConfig, tokenizer, path: str, source: str) -> tuple[Encod
 
 def encode_run_pairs(run: RunConfig, tokenizer, pairs, source: str) -> tuple[EncodedPairs, dict]:
     """encode_pairs with `run`'s settings: its seq_len (default block_size), PAD, truncation, lengths."""
+    return encode_pairs(pairs, tokenizer, source=source, **run_encoding(run))
+
+
+def run_encoding(run: RunConfig) -> dict:
+    """`run`'s encoding keywords (encode_pairs, encode_rankings): seq_len (default block_size), pad_id,
+    vocab_size, truncation, lengths."""
     seq_len = run.train.seq_len or run.model.block_size
     if seq_len > run.model.block_size:
         raise ValueError(f"seq_len={seq_len} exceeds the model's block_size={run.model.block_size}")
-    return encode_pairs(
-        pairs,
-        tokenizer,
+    return dict(
         seq_len=seq_len,
         pad_id=run.model.pad_id,
         vocab_size=run.model.vocab_size,
         truncation=run.train.truncation,
-        source=source,
         lengths=run.train.lengths,
     )

@@ -1,4 +1,5 @@
-"""Preference files in the formats users have -> PreferencePair lists (load_pairs); the pair types.
+"""Preference files in the formats users have -> PreferencePair lists (load_pairs); the pair types;
+the file readers (load_rows) that rankings (jaxrm/ranking_formats.py) share.
 
 Files, by name:
     *.jsonl, *.jsonl.gz (and any other name: JSON Lines)   one JSON object per line
@@ -23,6 +24,13 @@ Rows (column names configurable, see Columns / TrainConfig.*_key):
     margin              an optional number per pair ("margin"); empty / null = none.
     subset              an optional label per pair ("subset", e.g. RewardBench's subset names); `jaxrm
         eval` reports accuracy per label; empty / null = none. A number is read as its text.
+    rankings            a prompt with K >= 2 ranked responses, read by load_rankings
+        (jaxrm/ranking_formats.py; K varies from row to row): {"prompt", "responses": [best, ...,
+        worst]}, Nectar's {"prompt", "answers": [{"answer", "rank"}, ...]} (rank 1 = best), or
+        {"prompt", "completions": [...], "scores": [...]} (higher = better); equal ranks or scores
+        are ties (no preference either way, never ordered at random); responses and prompt may be
+        chat messages, the prompt may be implicit (the prefix all K texts share); a pair row is
+        the K = 2 case. Not in CSV (its cells cannot hold lists): JSON Lines, JSON, Parquet, datasets.
 A sequence is tokenizer.encode(prompt + answer) (or the given ids): the prompt split changes no
 token; it is what lint reports and what prompt truncation may cut.
 Locations in errors: "FILE:LINE" for JSON Lines, "FILE: row N" (1-based, header excluded) otherwise.
@@ -37,6 +45,7 @@ import json
 import math
 import pathlib
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 FLOAT32_MAX = 3.4028234663852886e38
@@ -60,12 +69,13 @@ class PreferencePair:
     subset: str | None = field(default=None, compare=False)  # the "subset" column: a label for eval's tables
 
 
-def pair_location(source: str, i: int, pair, with_index: bool = False) -> str:
-    """Where pair i is: "FILE:LINE" (+ " (pair i)" with_index) when it knows its line, else "FILE: pair i"."""
+def pair_location(source: str, i: int, pair, with_index: bool = False, item: str = "pair") -> str:
+    """Where pair i is: "FILE:LINE" (+ " (pair i)" with_index) when it knows its line, else "FILE: pair i".
+    `item` names what it is in place of "pair" (e.g. "ranking")."""
     line = getattr(pair, "line", None)
     if not line:
-        return f"{source}: pair {i}"
-    return f"{source}:{line} (pair {i})" if with_index else f"{source}:{line}"
+        return f"{source}: {item} {i}"
+    return f"{source}:{line} ({item} {i})" if with_index else f"{source}:{line}"
 
 
 def common_prefix_len(a, b) -> int:
@@ -76,6 +86,11 @@ def common_prefix_len(a, b) -> int:
             break
         n += 1
     return n
+
+
+def shared_prefix_len(seqs) -> int:
+    """How many leading items (characters, token ids) all of K >= 1 sequences share."""
+    return min(common_prefix_len(seqs[0], s) for s in seqs)
 
 
 def is_float32(value) -> bool:
@@ -92,6 +107,11 @@ class Columns:
     subset: str = "subset"
     chosen_ids: str = "input_ids_chosen"
     rejected_ids: str = "input_ids_rejected"
+    # rankings (jaxrm/ranking_formats.py): the list columns of a ranking row
+    responses: str = "responses"
+    answers: str = "answers"
+    completions: str = "completions"
+    scores: str = "scores"
 
     @classmethod
     def from_train_config(cls, tc) -> Columns:
@@ -123,13 +143,19 @@ def render_chat(messages, where: str, key: str) -> str:
     return "".join(parts)
 
 
-def split_common_prefix(a: str, b: str) -> tuple[str, str, str]:
-    """(prompt, a_answer, b_answer): the longest common prefix, cut back to position 0 or to just
-    after a whitespace character."""
-    n = common_prefix_len(a, b)
-    while n > 0 and not a[n - 1].isspace():
+def split_shared_prefix(texts) -> tuple[str, tuple[str, ...]]:
+    """(prompt, answers) of K >= 1 texts: the longest prefix they all share, cut back to position 0
+    or to just after a whitespace character, and each text's rest (in the given order)."""
+    first, n = texts[0], shared_prefix_len(texts)
+    while n > 0 and not first[n - 1].isspace():
         n -= 1
-    return a[:n], a[n:], b[n:]
+    return first[:n], tuple(t[n:] for t in texts)
+
+
+def split_common_prefix(a: str, b: str) -> tuple[str, str, str]:
+    """(prompt, a_answer, b_answer): split_shared_prefix of two texts."""
+    prompt, (a_answer, b_answer) = split_shared_prefix((a, b))
+    return prompt, a_answer, b_answer
 
 
 def _loads(text: str, where: str, *, one_line: bool = False):
@@ -156,9 +182,13 @@ def _unicode(value: str, where: str, key: str) -> str:
     return value
 
 
-def _text(obj, key, where) -> str:
+def text_field(obj, key, where) -> str:
     """obj[key] as text: a string, or chat messages rendered with CHAT_TEMPLATE."""
-    value = obj.get(key)
+    return text_value(obj.get(key), where, key)
+
+
+def text_value(value, where: str, key: str) -> str:
+    """A string, or chat messages rendered with CHAT_TEMPLATE; errors name `where` and `key`."""
     if isinstance(value, list):
         return _unicode(render_chat(value, where, key), where, key)
     if isinstance(value, str):
@@ -214,7 +244,7 @@ def _margin(obj, key, where):
     return value
 
 
-def _subset(obj, key, where) -> str | None:
+def subset_label(obj, key, where) -> str | None:
     """The pair's subset label: a string (a whole number is read as its text); None when absent or empty."""
     value = obj.get(key)
     if value is None or value == "":
@@ -250,7 +280,7 @@ def row_to_pair(obj, where: str, row: int, cols: Columns = Columns()) -> Prefere
             f"{where}: missing key(s) {', '.join(map(repr, missing))}; keys found: "
             f"{', '.join(map(repr, obj)) or 'none'}"
         )
-    subset = _subset(obj, cols.subset, where)
+    subset = subset_label(obj, cols.subset, where)
     if _pre_tokenized(obj, cols):
         return PreferencePair(
             "",
@@ -262,16 +292,26 @@ def row_to_pair(obj, where: str, row: int, cols: Columns = Columns()) -> Prefere
             rejected_ids=_ids(obj, cols.rejected_ids, where),
             subset=subset,
         )
-    chosen = _text(obj, cols.chosen, where)
-    rejected = _text(obj, cols.rejected, where)
+    chosen = text_field(obj, cols.chosen, where)
+    rejected = text_field(obj, cols.rejected, where)
     if cols.prompt in obj:
-        prompt = _text(obj, cols.prompt, where)
+        prompt = text_field(obj, cols.prompt, where)
         return PreferencePair(prompt, chosen, rejected, margin, line=row, subset=subset)
     prompt, chosen, rejected = split_common_prefix(chosen, rejected)
     return PreferencePair(prompt, chosen, rejected, margin, line=row, subset=subset)
 
 
 # ----------------------------------------------------------------------------- readers
+
+
+@dataclass(frozen=True)
+class RowKind:
+    """What a file's rows become: pairs (load_pairs) or rankings (jaxrm/ranking_formats.py)."""
+
+    item: str  # the noun for messages: "pair" / "ranking"
+    cols: Columns
+    check_columns: Callable[[str, list, str], None]  # (where, columns found, "csv" / "parquet" / "dataset")
+    convert: Callable[[object, str, int], object]  # (row, where, 1-based line or row) -> item
 
 
 class _Reader:
@@ -320,7 +360,17 @@ def _check_columns(path, found, cols: Columns):
         )
 
 
-def _jsonl(path: pathlib.Path, cols: Columns):
+def pair_rows(cols: Columns) -> RowKind:
+    """Rows read as PreferencePairs (row_to_pair) with these column names."""
+    return RowKind(
+        item="pair",
+        cols=cols,
+        check_columns=lambda where, found, fmt: _check_columns(where, found, cols),
+        convert=lambda obj, where, row: row_to_pair(obj, where, row, cols),
+    )
+
+
+def _jsonl(path: pathlib.Path, kind: RowKind):
     with _Reader(path) as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -328,10 +378,10 @@ def _jsonl(path: pathlib.Path, cols: Columns):
             if not line.strip():
                 continue  # blank lines are allowed
             obj = _loads(line, where, one_line=True)
-            yield row_to_pair(obj, where, lineno, cols)
+            yield kind.convert(obj, where, lineno)
 
 
-def _json(path: pathlib.Path, cols: Columns):
+def _json(path: pathlib.Path, kind: RowKind):
     with _Reader(path) as f:
         text = _decode(f.read(), str(path))
     data = _loads(text, str(path))
@@ -343,22 +393,22 @@ def _json(path: pathlib.Path, cols: Columns):
             f"got {type(data).__name__}"
         )
     for i, obj in enumerate(data, start=1):
-        yield row_to_pair(obj, f"{path}: row {i}", i, cols)
+        yield kind.convert(obj, f"{path}: row {i}", i)
 
 
-def _csv(path: pathlib.Path, cols: Columns):
+def _csv(path: pathlib.Path, kind: RowKind):
     with _Reader(path) as f:
         text = _decode(f.read(), str(path))
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if reader.fieldnames is None:
         return
-    _check_columns(path, reader.fieldnames, cols)
+    kind.check_columns(str(path), reader.fieldnames, "csv")
     for i, obj in enumerate(_csv_rows(reader, path), start=1):
         if None in obj:
             raise DataError(f"{path}: row {i}: more cells than the header's {len(reader.fieldnames)} columns")
-        if cols.prompt in obj and obj[cols.prompt] is None:
-            obj[cols.prompt] = ""
-        yield row_to_pair({k: v for k, v in obj.items() if v is not None}, f"{path}: row {i}", i, cols)
+        if kind.cols.prompt in obj and obj[kind.cols.prompt] is None:
+            obj[kind.cols.prompt] = ""
+        yield kind.convert({k: v for k, v in obj.items() if v is not None}, f"{path}: row {i}", i)
 
 
 def _csv_rows(reader, path):
@@ -375,7 +425,7 @@ def _csv_rows(reader, path):
             ) from None
 
 
-def _parquet(path: pathlib.Path, cols: Columns):
+def _parquet(path: pathlib.Path, kind: RowKind):
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -384,9 +434,9 @@ def _parquet(path: pathlib.Path, cols: Columns):
         table = pq.read_table(path)
     except Exception as e:
         raise DataError(f"{path}: cannot read Parquet ({e})") from None
-    _check_columns(path, table.column_names, cols)
+    kind.check_columns(str(path), table.column_names, "parquet")
     for i, obj in enumerate(table.to_pylist(), start=1):
-        yield row_to_pair(obj, f"{path}: row {i}", i, cols)
+        yield kind.convert(obj, f"{path}: row {i}", i)
 
 
 READERS = {"jsonl": _jsonl, "json": _json, "csv": _csv, "parquet": _parquet}
@@ -405,11 +455,11 @@ def dataset_dir_and_split(path) -> tuple[pathlib.Path, str | None]:
     return pathlib.Path(spec), None
 
 
-def _hf_dataset(path: pathlib.Path, split: str | None, cols: Columns):
+def _hf_dataset(path: pathlib.Path, split: str | None, kind: RowKind):
     markers = [m for m in DATASET_MARKERS if (path / m).is_file()]
     if not markers:
         raise DataError(
-            f"{path}: is a directory, not a pair file; a saved Hugging Face dataset directory holds "
+            f"{path}: is a directory, not a {kind.item} file; a saved Hugging Face dataset directory holds "
             f"dataset_info.json / state.json (Dataset.save_to_disk) or dataset_dict.json "
             f"(DatasetDict.save_to_disk)"
         )
@@ -440,31 +490,38 @@ def _hf_dataset(path: pathlib.Path, split: str | None, cols: Columns):
             f"{path}: a single Dataset (no splits), but split {split!r} was asked for; "
             f"use {path} without ':{split}'"
         )
-    _check_columns(where, ds.column_names, cols)
+    kind.check_columns(where, ds.column_names, "dataset")
     row = 0
     for batch in ds.iter(batch_size=1024):  # dict of columns -> rows
         for values in zip(*batch.values()):
             row += 1
-            yield row_to_pair(dict(zip(batch, values)), f"{where}: row {row}", row, cols)
+            yield kind.convert(dict(zip(batch, values)), f"{where}: row {row}", row)
+
+
+def load_rows(path, kind: RowKind) -> list:
+    """Every row of a JSON Lines / JSON / CSV / Parquet file (by name), or of a saved Hugging Face
+    `datasets` directory ("DIR", or "DIR:SPLIT" for a DatasetDict), converted by `kind`; a
+    DataError when there is none."""
+    path, split = dataset_dir_and_split(path)
+    if path.is_dir():
+        name = f"{path}:{split}" if split else str(path)
+        reader = lambda: _hf_dataset(path, split, kind)
+    elif path.is_file():
+        name = str(path)
+        reader = lambda: READERS[file_format(path)](path, kind)
+    else:
+        raise DataError(f"{path}: no such file")
+    try:
+        items = list(reader())
+    except (OSError, EOFError) as e:  # e.g. a truncated or not-really-gzip .gz file
+        raise DataError(f"{name}: cannot read file ({e})") from None
+    if not items:
+        raise DataError(f"{name}: empty file, no {kind.item}s found")
+    return items
 
 
 def load_pairs(path, cols: Columns | None = None) -> list[PreferencePair]:
     """Pairs from a JSON Lines / JSON / CSV / Parquet file (by name), or a saved Hugging Face
     `datasets` directory ("DIR", or "DIR:SPLIT" for a DatasetDict); rows as in this module's
     docstring. `cols`: other column names."""
-    path, split = dataset_dir_and_split(path)
-    if path.is_dir():
-        name = f"{path}:{split}" if split else str(path)
-        reader = lambda: _hf_dataset(path, split, cols or Columns())
-    elif path.is_file():
-        name = str(path)
-        reader = lambda: READERS[file_format(path)](path, cols or Columns())
-    else:
-        raise DataError(f"{path}: no such file")
-    try:
-        pairs = list(reader())
-    except (OSError, EOFError) as e:  # e.g. a truncated or not-really-gzip .gz file
-        raise DataError(f"{name}: cannot read file ({e})") from None
-    if not pairs:
-        raise DataError(f"{name}: empty file, no pairs found")
-    return pairs
+    return load_rows(path, pair_rows(cols or Columns()))
