@@ -166,7 +166,9 @@ def _eval_run(run_dir, path: str, subset_key: str, write_normalization: bool = F
     from jaxrm.config import EVAL_BATCH_SIZE
     from jaxrm.data import encode_run_pairs
     from jaxrm.evaluate import per_pair_outputs, report
-    from jaxrm.formats import Columns, load_pairs
+    from jaxrm.formats import Columns
+    from jaxrm.loop import is_ranking_run
+    from jaxrm.ranking_formats import load_pairs_or_rankings
     from jaxrm.rundir import load_model
     from jaxrm.state import split_model
     from jaxrm.step import make_eval_step
@@ -174,7 +176,9 @@ def _eval_run(run_dir, path: str, subset_key: str, write_normalization: bool = F
 
     run, model = load_model(run_dir, say=_note("eval"))
     cols = dataclasses.replace(Columns.from_train_config(run.train), subset=subset_key)
-    pairs = load_pairs(path, cols)
+    pairs = None if is_ranking_run(run.train) else load_pairs_or_rankings(path, cols)[0]
+    if pairs is None:  # rankings, or a run trained on them
+        return _eval_rankings(run_dir, run, model, path, write_normalization, layout)
     data = encode_run_pairs(run, get_tokenizer(run.train.tokenizer), pairs, path)[0]
     run = _with_layout(run, layout)
     eval_step = make_eval_step(run.model, run.train)
@@ -183,6 +187,19 @@ def _eval_run(run_dir, path: str, subset_key: str, write_normalization: bool = F
     if write_normalization:
         _write_normalization(run_dir, eval_step, model, data, path)
     return {"report": report(out, data, subsets, run.train), "out": out, "data": data}
+
+
+def _eval_rankings(run_dir, run, model, path: str, write_normalization: bool, layout) -> dict:
+    """_eval_run on rankings (or on pairs for a run trained with a K-wise loss): the K-wise report."""
+    from jaxrm.ranking_eval import eval_rankings_file
+    from jaxrm.score import reward_normalization
+    from jaxrm.score import write_normalization as write
+
+    report, out = eval_rankings_file(run, model, path, layout)
+    if write_normalization:
+        norm = reward_normalization(out["scores"][out["valid"]], path)
+        print(f"wrote {write(run_dir, norm)} (mean {norm.mean:.4f}, std {norm.std:.4f})", file=sys.stderr)
+    return {"report": report, "out": out, "rankings": True}
 
 
 def _compare_runs(a: dict, b: dict) -> dict:
@@ -213,9 +230,11 @@ def cmd_eval(args, extra) -> int:
         _eval_run(d, path, args.subset_key, args.write_normalization and i == 0, args.layout)
         for i, d in enumerate(dirs)
     ]
+    head = {"data": path, "data_source": what}
+    if any(r.get("rankings") for r in results):
+        return _print_ranking_eval(args, head, results)
     if args.plots:
         _write_eval_plots(args.plots, dirs, results)
-    head = {"data": path, "data_source": what}
     if len(dirs) == 1:
         result = {**head, **results[0]["report"]}
         print(json.dumps(result) if args.json else format_report(result))
@@ -223,6 +242,16 @@ def cmd_eval(args, extra) -> int:
     result = {**head, "runs": dirs, **_compare_runs(*results), "a": results[0]["report"]}
     result["b"] = results[1]["report"]
     print(json.dumps(result) if args.json else format_comparison(result))
+    return 0
+
+
+def _print_ranking_eval(args, head: dict, results: list) -> int:
+    from jaxrm.ranking_eval import format_ranking_report
+
+    if len(results) > 1 or args.plots:
+        raise UsageError("eval on rankings reports one run, without --plots (pairs: both work)")
+    result = {**head, **results[0]["report"]}
+    print(json.dumps(result) if args.json else format_ranking_report(result))
     return 0
 
 

@@ -23,10 +23,10 @@ from jaxrm.formats import (
     DataError,
     PreferencePair,
     is_float32,
-    load_pairs,
     pair_location,
     shared_prefix_len,
 )
+from jaxrm.ranking_formats import load_pairs_or_rankings, ranking_pairs
 from jaxrm.tokenizer import first_out_of_range
 
 SPLITS = ("train", "validation", "test")
@@ -55,6 +55,23 @@ class EncodedPairs:
 
     def __len__(self):
         return self.chosen_ids.shape[0]
+
+    def longest(self) -> np.ndarray:
+        """(N,) the longer side of each pair."""
+        return np.maximum(self.chosen_lengths, self.rejected_lengths)
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The encoded content (jaxrm.dataid hashes it)."""
+        return self.chosen_ids, self.rejected_ids, self.chosen_lengths, self.rejected_lengths, self.margins
+
+    def batch(self, idx: np.ndarray) -> dict:
+        """Pairs `idx` in the original's layout: input_ids (2B, T) chosen rows then rejected rows,
+        lengths (2B,), margins (B,)."""
+        return {
+            "input_ids": np.concatenate([self.chosen_ids[idx], self.rejected_ids[idx]]),  # (2B, T)
+            "lengths": np.concatenate([self.chosen_lengths[idx], self.rejected_lengths[idx]]),  # (2B,)
+            "margins": self.margins[idx],  # (B,)
+        }
 
 
 def pair_ids(pair: PreferencePair, tokenizer) -> tuple[list[int], list[int]]:
@@ -216,18 +233,9 @@ def _padded(kept: list, seq_len: int, pad_id: int) -> EncodedPairs:
 # batching
 
 
-def _batch(data: EncodedPairs, idx: np.ndarray) -> dict:
-    return {
-        "input_ids": np.concatenate(
-            [data.chosen_ids[idx], data.rejected_ids[idx]]
-        ),  # (2B, T) chosen then rejected
-        "lengths": np.concatenate([data.chosen_lengths[idx], data.rejected_lengths[idx]]),  # (2B,)
-        "margins": data.margins[idx],  # (B,)
-    }
-
-
 class BatchIterator:
-    """Endless, deterministic, resumable batches of pairs.
+    """Endless, deterministic, resumable batches of pairs (EncodedPairs) or of ranked prompts
+    (jaxrm.ranking_data.EncodedRankings): `data` has __len__, longest() and batch(idx).
 
     Epoch e visits the pairs in np.random.default_rng([seed, e]).permutation(N) order (or in file
     order when shuffle=False). With drop_last the tail of an epoch that does not fill a batch is
@@ -241,7 +249,7 @@ class BatchIterator:
 
     def __init__(
         self,
-        data: EncodedPairs,
+        data,
         batch_size: int,
         *,
         seed: int,
@@ -286,7 +294,7 @@ class BatchIterator:
 
     def _grouped(self, order: np.ndarray, rng) -> np.ndarray:
         b, window = self.batch_size, self.batch_size * self.group_by_length
-        length = np.maximum(self.data.chosen_lengths, self.data.rejected_lengths)
+        length = self.data.longest()
         full = len(order) // b * b
         batches = []
         for start in range(0, full, window):
@@ -316,20 +324,20 @@ class BatchIterator:
             self.epoch, self.index = self.epoch + 1, 0
         idx = self.order(self.epoch)[self.index : self.index + b]
         self.index += len(idx)
-        longest = int(max(self.data.chosen_lengths[idx].max(), self.data.rejected_lengths[idx].max()))
+        longest = int(self.data.longest()[idx].max())
         if self.rows is not None:  # this process's share of the global batch
             idx = idx[self.rows[0] : self.rows[1]]
-        batch = _batch(self.data, idx)
+        batch = self.data.batch(idx)
         if self.pad_multiple:  # trim padding columns: T = the global batch's longest pair, rounded up
             T = min(batch["input_ids"].shape[1], -(-longest // self.pad_multiple) * self.pad_multiple)
-            batch["input_ids"] = batch["input_ids"][:, :T]  # (2B, T)
+            batch["input_ids"] = batch["input_ids"][:, :T]  # (rows, T)
         return batch
 
 
-def eval_batches(data: EncodedPairs, batch_size: int) -> Iterator[dict]:
-    """One pass in order, every batch exactly batch_size pairs (fixed shapes for jit).
-
-    The last batch is filled up with copies of pair 0; "valid" (B,) bool marks the real pairs.
+def eval_batches(data, batch_size: int) -> Iterator[dict]:
+    """One pass in order over pairs (or ranked prompts), every batch exactly batch_size of them
+    (fixed shapes for jit). The last batch is filled up with copies of item 0; "valid" (B,) bool
+    marks the real ones.
     """
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -338,7 +346,7 @@ def eval_batches(data: EncodedPairs, batch_size: int) -> Iterator[dict]:
         idx = np.arange(start, min(start + batch_size, n))
         valid = np.arange(batch_size) < len(idx)  # (B,)
         idx = np.concatenate([idx, np.zeros(batch_size - len(idx), dtype=idx.dtype)])  # (B,) filler = pair 0
-        yield {**_batch(data, idx), "valid": valid}
+        yield {**data.batch(idx), "valid": valid}
 
 
 # -----------------------------------------------------------------------------
@@ -347,13 +355,25 @@ def eval_batches(data: EncodedPairs, batch_size: int) -> Iterator[dict]:
 
 def load_split(run: RunConfig, tokenizer, path: str, source: str) -> tuple[EncodedPairs, dict]:
     """The pairs of one file (or datasets DIR[:SPLIT]) for `run`: read with its column names,
-    tokenized and padded to its seq_len (default block_size); (EncodedPairs, stats)."""
-    return encode_run_pairs(run, tokenizer, load_pairs(path, Columns.from_train_config(run.train)), source)
+    tokenized and padded to its seq_len (default block_size); (EncodedPairs, stats). A file of
+    rankings (jaxrm.ranking_formats) gives its ordered pairs, C(K, 2) per prompt without ties
+    (stats["from_rankings"]: how many rankings)."""
+    pairs, from_rankings = load_preference_pairs(path, run.train)
+    return encode_run_pairs(run, tokenizer, pairs, source, from_rankings)
 
 
-def encode_run_pairs(run: RunConfig, tokenizer, pairs, source: str) -> tuple[EncodedPairs, dict]:
+def load_preference_pairs(path: str, tc) -> tuple[list[PreferencePair], int]:
+    """(the pairs of a pair file, 0), or (the ordered pairs of a rankings file, its rankings)."""
+    pairs, rankings = load_pairs_or_rankings(path, Columns.from_train_config(tc))
+    return (pairs, 0) if rankings is None else (ranking_pairs(rankings), len(rankings))
+
+
+def encode_run_pairs(
+    run: RunConfig, tokenizer, pairs, source: str, from_rankings: int = 0
+) -> tuple[EncodedPairs, dict]:
     """encode_pairs with `run`'s settings: its seq_len (default block_size), PAD, truncation, lengths."""
-    return encode_pairs(pairs, tokenizer, source=source, **run_encoding(run))
+    data, stats = encode_pairs(pairs, tokenizer, source=source, **run_encoding(run))
+    return data, {**stats, "from_rankings": from_rankings} if from_rankings else stats
 
 
 def run_encoding(run: RunConfig) -> dict:

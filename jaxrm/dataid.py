@@ -8,8 +8,6 @@ import pathlib
 
 import numpy as np
 
-from jaxrm.data import EncodedPairs
-
 
 def _bytes_on_disk(path: str) -> int | None:
     """The file's size, or the total of a directory's files (a saved datasets directory); None if absent."""
@@ -21,17 +19,13 @@ def _bytes_on_disk(path: str) -> int | None:
     return None
 
 
-def data_identity(path: str, data: EncodedPairs) -> dict:
-    """{"path", "bytes", "pairs", "sha256"}: the sha256 covers the encoded ids, lengths and margins,
-    so it changes with the data, the tokenizer or the truncation, not with the file's name."""
+def data_identity(path: str, data) -> dict:
+    """{"path", "bytes", "pairs", "sha256"}: the sha256 covers the encoded arrays (EncodedPairs: ids,
+    lengths and margins; EncodedRankings: ids, lengths, ranks and offsets), so it changes with the
+    data, the tokenizer or the truncation, not with the file's name. "pairs": the number of pairs
+    (of ranked prompts, for rankings)."""
     h = hashlib.sha256()
-    for array in (
-        data.chosen_ids,
-        data.rejected_ids,
-        data.chosen_lengths,
-        data.rejected_lengths,
-        data.margins,
-    ):
+    for array in data.arrays():
         h.update(str(array.shape).encode())
         h.update(np.ascontiguousarray(array).tobytes())
     return {"path": path, "bytes": _bytes_on_disk(path), "pairs": len(data), "sha256": h.hexdigest()}

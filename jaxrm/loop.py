@@ -19,17 +19,20 @@ from jax.experimental import multihost_utils
 from jaxrm import rundir
 from jaxrm import sharding as shd
 from jaxrm.checkpoint import Checkpointer
-from jaxrm.config import EVAL_BATCH_SIZE, ModelConfig, RunConfig, TrainConfig
+from jaxrm.config import EVAL_BATCH_SIZE, RANKING_LOSSES, ModelConfig, RunConfig, TrainConfig
 from jaxrm.data import BatchIterator, bundled_data_path, load_split
 from jaxrm.dataid import data_change, data_identity
 from jaxrm.evaluate import evaluate
 from jaxrm.formats import DataError
 from jaxrm.model import RewardModel
 from jaxrm.optim import describe_decay, learning_rate
+from jaxrm.ranking_data import load_ranking_split
+from jaxrm.ranking_eval import evaluate_rankings, ranking_outputs
+from jaxrm.ranking_step import check_ranking_step, make_ranking_eval_step, make_ranking_train_step
 from jaxrm.report import MetricsLog, Progress, TensorBoardLog, plot_curves
 from jaxrm.runlock import RunLock
 from jaxrm.runtime import use_deterministic_ops
-from jaxrm.score import NORMALIZATION, validation_normalization, write_normalization
+from jaxrm.score import NORMALIZATION, reward_normalization, validation_normalization, write_normalization
 from jaxrm.signals import Preemption
 from jaxrm.state import TrainState, abstract_train_state, init_train_state, merge_model
 from jaxrm.step import TrainingError, make_eval_step, make_train_step
@@ -131,9 +134,35 @@ class NonFinitePolicy:
 # data and resume
 
 
+def is_ranking_run(tc: TrainConfig) -> bool:
+    """A run with a K-wise loss trains on ranked prompts (pairs read as K = 2); else on pairs."""
+    return tc.loss_type in RANKING_LOSSES
+
+
+def load_data(run: RunConfig, tokenizer, path: str):
+    """(pairs or ranked prompts as the run trains on them, stats) of one file."""
+    load = load_ranking_split if is_ranking_run(run.train) else load_split
+    return load(run, tokenizer, path, path)
+
+
+def _describe_train_data(path: str, stats: dict) -> str:
+    if "rankings_kept" in stats:
+        return (
+            f"train data {path}: {stats['rankings_kept']} ranked prompts, {stats['ordered_pairs']} ordered "
+            f"pairs, K up to {stats['max_k']} (dropped {stats['dropped_too_long']} too long, "
+            f"{stats['dropped_no_preference']} without a preference)"
+        )
+    rankings = f" from {stats['from_rankings']} rankings" if stats.get("from_rankings") else ""
+    return (
+        f"train data {path}: {stats['pairs_kept']} pairs{rankings} (dropped {stats['dropped_too_long']} "
+        f"too long, {stats['dropped_identical']} identical)"
+    )
+
+
 def load_run_data(run: RunConfig, say):
-    """(tokenizer, train pairs, validation pairs or None, the train data's identity) of `run`;
-    default: the bundled splits."""
+    """(tokenizer, train data, validation data or None, the train data's identity) of `run`: pairs
+    (jaxrm.data), or ranked prompts for a K-wise loss (jaxrm.ranking_data); default: the bundled
+    splits."""
     tc, mc = run.train, run.model
     tokenizer = get_tokenizer(tc.tokenizer)
     if tokenizer.vocab_size > mc.vocab_size:
@@ -142,11 +171,8 @@ def load_run_data(run: RunConfig, say):
             f"vocab_size is {mc.vocab_size}; set vocab_size >= {tokenizer.vocab_size}"
         )
     train_path = tc.data or str(bundled_data_path("train"))
-    train, stats = load_split(run, tokenizer, train_path, train_path)
-    say(
-        f"train data {train_path}: {stats['pairs_kept']} pairs (dropped {stats['dropped_too_long']} "
-        f"too long, {stats['dropped_identical']} identical)"
-    )
+    train, stats = load_data(run, tokenizer, train_path)
+    say(_describe_train_data(train_path, stats))
     if tc.use_margins and stats["with_margin"] < stats["pairs_kept"]:
         raise DataError(
             f"{train_path}: use_margins=true, but {stats['pairs_kept'] - stats['with_margin']} of "
@@ -154,7 +180,7 @@ def load_run_data(run: RunConfig, say):
             f"margin, or train without --use_margins"
         )
     val_path = tc.eval_data or ("" if tc.data else str(bundled_data_path("validation")))
-    validation = load_split(run, tokenizer, val_path, val_path)[0] if val_path else None
+    validation = load_data(run, tokenizer, val_path)[0] if val_path else None
     return tokenizer, train, validation, data_identity(train_path, train)
 
 
@@ -309,8 +335,14 @@ class _Loop:
     ):
         self.run, self.mesh, self.batches, self.checkpoints, self.log = run, mesh, batches, checkpoints, log
         self.data_identity = data  # recorded in every checkpoint: a resume checks it
-        self.train_step = make_train_step(run.model, run.train, mesh)
-        self.eval_step = make_eval_step(run.model, run.train)
+        self.ranking = is_ranking_run(run.train)
+        if self.ranking:
+            check_ranking_step(run.train, mesh)
+            self.train_step = make_ranking_train_step(run.model, run.train)
+            self.eval_step = make_ranking_eval_step(run.model, run.train)
+        else:
+            self.train_step = make_train_step(run.model, run.train, mesh)
+            self.eval_step = make_eval_step(run.model, run.train)
         self.nonfinite = NonFinitePolicy(run.train, checkpoints, log.say)
 
     def steps(self, state: TrainState, validation) -> TrainState:
@@ -349,8 +381,11 @@ class _Loop:
         return state
 
     def step_batch(self, batch: dict) -> dict:
-        """A data-layer batch in the steps' layout, on the mesh (jaxrm.sharding.shard_batch)."""
+        """A data-layer batch in the steps' layout, on the mesh (jaxrm.sharding.shard_batch); ranking
+        batches as they are (one device; the step lays them out on the host)."""
         tc = self.run.train
+        if self.ranking:
+            return batch
         return shd.shard_batch(batch, self.mesh, tc.batch_size, lengths=tc.lengths == "explicit")
 
     def report(self, step: int, metrics: dict, tokens: int) -> None:
@@ -367,6 +402,8 @@ class _Loop:
         self.checkpoints.save(step, state, meta)
 
     def evaluate(self, params, data, limit: int = 0) -> dict:
+        if self.ranking:
+            return evaluate_rankings(self.eval_step, params, data, EVAL_BATCH_SIZE, limit)
         return evaluate(self.eval_step, params, data, EVAL_BATCH_SIZE, limit, self.run.train)
 
 
@@ -386,7 +423,7 @@ def _finish(
         if log.primary:
             _write_normalization(loop, params, validation, out)
     if not run.train.data:
-        test = load_split(run, tokenizer, str(bundled_data_path("test")), "test")[0]
+        test = load_data(run, tokenizer, str(bundled_data_path("test")))[0]
         summary["test"] = loop.evaluate(params, test)
     summary["wall_time_s"] = round(time.time() - started, 1)  # training and the final evaluation
     if log.primary:
@@ -400,7 +437,11 @@ def _write_normalization(loop: _Loop, params, validation, out: pathlib.Path) -> 
     """normalization.json (for score / serve --normalize): the validation rewards' mean and std."""
     source = loop.run.train.eval_data or "bundled validation split"
     try:
-        norm = validation_normalization(loop.eval_step, params, validation, EVAL_BATCH_SIZE, source)
+        if loop.ranking:
+            scored = ranking_outputs(loop.eval_step, params, validation, EVAL_BATCH_SIZE)
+            norm = reward_normalization(scored["scores"][scored["valid"]], source)
+        else:
+            norm = validation_normalization(loop.eval_step, params, validation, EVAL_BATCH_SIZE, source)
     except ValueError as e:
         loop.log.say(f"no {NORMALIZATION} written: {e}")
         return
@@ -447,6 +488,8 @@ def _fit(run: RunConfig, out: pathlib.Path, init_model, log, allow_data_change: 
     tc = run.train
     mesh = shd.make_mesh(tc.mesh_data, tc.mesh_fsdp)  # None: one device, the unsharded path
     shd.batch_size_per_shard(mesh, tc.batch_size, tc.grad_accum_steps)
+    if is_ranking_run(tc):
+        check_ranking_step(tc, mesh)
     out.mkdir(parents=True, exist_ok=True)
     run_log = RunLog(tc, log)
     if tc.deterministic:  # the CLI already set it before JAX started; a library caller is warned if too late

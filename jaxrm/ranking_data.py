@@ -39,6 +39,22 @@ class EncodedRankings:
         """(N,) int64: K_i, the number of rows of each prompt."""
         return np.diff(self.offsets)
 
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The encoded content (jaxrm.dataid hashes it)."""
+        return self.ids, self.lengths, self.ranks, self.offsets
+
+    def batch(self, idx: np.ndarray) -> dict:
+        """Prompts `idx` as a ranking batch (jaxrm/ranking_step.py): input_ids (M, T) their rows,
+        lengths (M,), ranks (M,), offsets (len(idx) + 1,)."""
+        sizes = self.group_sizes()[idx]
+        rows = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])  # (M,)
+        return {
+            "input_ids": self.ids[rows],  # (M, T)
+            "lengths": self.lengths[rows],
+            "ranks": self.ranks[rows],
+            "offsets": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+        }
+
 
 def encode_rankings(
     rankings: list[Ranking],

@@ -36,6 +36,7 @@ from jaxrm.formats import (
     DataError,
     PreferencePair,
     RowKind,
+    load_pairs,
     load_rows,
     pair_rows,
     row_to_pair,
@@ -234,3 +235,15 @@ def ranking_pairs(rankings: list[Ranking]) -> list[PreferencePair]:
         for w in range(len(r.responses))
         if r.ranks[b] < r.ranks[w]
     ]
+
+
+def load_pairs_or_rankings(path, cols: Columns) -> tuple[list[PreferencePair] | None, list[Ranking] | None]:
+    """(pairs, None) for a file of pairs, (None, rankings) for one with ranking rows; a file that is
+    neither raises the pairs' error."""
+    try:
+        return load_pairs(path, cols), None
+    except DataError as pair_error:
+        try:
+            return None, load_rankings(path, cols)
+        except DataError:
+            raise pair_error from None
