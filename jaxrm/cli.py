@@ -375,7 +375,7 @@ def _read_texts(path: str) -> list[tuple]:
 
 def cmd_lint(args, extra) -> int:
     """A data report (jaxrm/lint.py); exit code 1 when training would refuse the data."""
-    from jaxrm.formats import Columns, load_pairs
+    from jaxrm.formats import Columns
     from jaxrm.lint import format_report, lint_pairs
     from jaxrm.tokenizer import get_tokenizer
 
@@ -393,9 +393,11 @@ def cmd_lint(args, extra) -> int:
     run = run_preset(args.preset or DEFAULT_RUN_PRESET)  # what `jaxrm train --preset` would use
     tokenizer = get_tokenizer(args.tokenizer or run.train.tokenizer)
     vocab_size = args.vocab_size or max(run.model.vocab_size, tokenizer.vocab_size)
-    against = load_pairs(args.against, Columns(**columns)) if args.against else None
+    cols = Columns(**columns)
+    against = _lint_pairs_of(args.against, cols)[0] if args.against else None
+    pairs, rankings = _lint_pairs_of(args.data, cols)
     report = lint_pairs(
-        load_pairs(args.data, Columns(**columns)),
+        pairs,
         tokenizer,
         seq_len=args.seq_len or run.train.seq_len or run.model.block_size,
         vocab_size=vocab_size,
@@ -403,8 +405,18 @@ def cmd_lint(args, extra) -> int:
         against=against,
         lengths=args.lengths,
     )
+    if rankings:
+        report["from_rankings"] = rankings
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 1 if report["errors"] else 0
+
+
+def _lint_pairs_of(path: str, cols) -> tuple[list, int]:
+    """(pairs, 0) of a pairs file; (the ordered pairs, the number of rankings) of a rankings file."""
+    from jaxrm.ranking_formats import load_pairs_or_rankings, ranking_pairs
+
+    pairs, rankings = load_pairs_or_rankings(path, cols)
+    return (pairs, 0) if rankings is None else (ranking_pairs(rankings), len(rankings))
 
 
 def cmd_convert(args, extra) -> int:

@@ -150,9 +150,11 @@ def _flags(
 
 def format_report(report: dict) -> str:
     t = report["tokens_per_pair"]
+    rankings = report.get("from_rankings")
     lines = [
-        f"{report['source']}: {report['pairs']} pairs, {report['trainable_pairs']} trainable at "
-        f"seq_len {report['seq_len']}"
+        f"{report['source']}: {report['pairs']} pairs"
+        + (f" (the ordered pairs of {rankings} rankings)" if rankings else "")
+        + f", {report['trainable_pairs']} trainable at seq_len {report['seq_len']}"
         + (" (explicit lengths)" if report.get("lengths") == "explicit" else ""),
         f"tokens per pair (longer side): min {t['min']}  p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  "
         f"max {t['max']}  mean {t['mean']}",

@@ -92,3 +92,16 @@ def test_lint_column_names(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["pairs"] == 1
     assert main(["lint", data, "--tokenizer", "byte"]) == 2  # default names: a DataError naming the keys
     assert "missing key(s) 'chosen', 'rejected'; keys found: 'good', 'bad'" in capsys.readouterr().err
+
+
+def test_lint_reads_a_rankings_file_as_its_ordered_pairs(tmp_path, capsys):
+    rows = [
+        {"prompt": "P: ", "responses": ["a", "b", "c"]},  # 3 ordered pairs
+        {"prompt": "P: ", "answers": [{"answer": "x", "rank": 1}, {"answer": "x", "rank": 2}]},  # identical
+    ]
+    data = write_jsonl(tmp_path / "r.jsonl", rows)
+    assert main(["lint", data, "--tokenizer", "byte", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["from_rankings"] == 2 and report["pairs"] == 4 and report["trainable_pairs"] == 3
+    assert main(["lint", data, "--tokenizer", "byte"]) == 0
+    assert "4 pairs (the ordered pairs of 2 rankings), 3 trainable" in capsys.readouterr().out
