@@ -23,25 +23,15 @@ from flax import nnx
 
 from jaxrm.config import ModelConfig, TrainConfig
 from jaxrm.layouts import ranking_batch
-from jaxrm.plan import execution_plan
 from jaxrm.ranking import ranking_loss
 from jaxrm.state import TrainState, model_graphdef
-from jaxrm.step import finish_update, jit_step
-
-LAYOUT_IDS = ("positions", "segment_ids", "branch_ids")
+from jaxrm.step import finish_update, jit_step, rows_rewards
 
 
 def ranking_scores(model, batch: dict, deterministic: bool = True, key=None, plan=None):
     """(N, K) end scores of a layout ranking batch: the model on its rows (R, L), each response's
     reward read at its last token (0 in slots that are not valid)."""
-    R, L = batch["input_ids"].shape
-    rewards = model(
-        batch["input_ids"],
-        deterministic=deterministic,
-        rngs=nnx.Rngs(dropout=key) if key is not None else None,
-        plan=plan or execution_plan(model.config, R, L, jax.devices()),
-        **{name: batch[name] for name in LAYOUT_IDS if name in batch},
-    )  # (R, L)
+    rewards = rows_rewards(model, batch, deterministic, key, plan)  # (R, L)
     scores = jnp.take(rewards.reshape(-1), batch["ends"], axis=0)  # (N, K)
     return jnp.where(batch["valid"], scores, 0.0)
 

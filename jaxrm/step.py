@@ -234,20 +234,27 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig, mesh=N
 # the shared and packed layouts (jaxrm.layouts)
 
 
-def layout_rewards(model, batch: dict, deterministic: bool = True, key=None, plan=None):
-    """Rewards (2B, Tv) at the padded rows' positions, chosen rows then rejected, of a layout
-    batch: the model on its rows (R, L), then each read position gathered (0 where not carried:
-    never read by the loss)."""
+LAYOUT_IDS = ("positions", "segment_ids", "branch_ids")
+
+
+def rows_rewards(model, batch: dict, deterministic: bool = True, key=None, plan=None):
+    """Rewards (R, L) of a layout batch's token rows: input_ids (R, L) and, when the batch has
+    them, its position, segment and branch ids (else plain causal rows)."""
     R, L = batch["input_ids"].shape
-    rewards = model(
+    return model(
         batch["input_ids"],
         deterministic=deterministic,
         rngs=nnx.Rngs(dropout=key) if key is not None else None,
         plan=plan or execution_plan(model.config, R, L, jax.devices()),
-        positions=batch["positions"],
-        segment_ids=batch["segment_ids"],
-        branch_ids=batch["branch_ids"],
-    )  # (R, L)
+        **{name: batch[name] for name in LAYOUT_IDS if name in batch},
+    )
+
+
+def layout_rewards(model, batch: dict, deterministic: bool = True, key=None, plan=None):
+    """Rewards (2B, Tv) at the padded rows' positions, chosen rows then rejected, of a layout
+    batch: the model on its rows (R, L), then each read position gathered (0 where not carried:
+    never read by the loss)."""
+    rewards = rows_rewards(model, batch, deterministic, key, plan)  # (R, L)
     read = batch["read"]  # (2, B, Tv)
     gathered = jnp.take(rewards.reshape(-1), jnp.maximum(read, 0), axis=0)  # (2, B, Tv)
     return jnp.where(read >= 0, gathered, 0.0).reshape(-1, read.shape[-1])  # (2B, Tv)
