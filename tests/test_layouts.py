@@ -16,12 +16,11 @@ import pytest
 from flax import nnx
 
 from jaxrm import cli
-from jaxrm.config import RunConfig, TrainConfig
+from jaxrm.config import TrainConfig
 from jaxrm.layout_cost import attention_area, layout_is_cheaper
 from jaxrm.layouts import layout_savings, pack, packed_batch, shared_batch, to_layout
 from jaxrm.loss import pairwise_loss
 from jaxrm.model import RewardModel
-from jaxrm.score import score_responses, score_texts
 from jaxrm.sharding import shard_batch
 from jaxrm.state import init_train_state
 from jaxrm.step import layout_loss, layout_rewards, make_eval_step, make_train_step
@@ -345,18 +344,3 @@ def test_layout_savings_for_lint():
     assert (
         s["shared_saves_vs_rows"] == round(1 - 9 / 32, 4) and s["packed_rows_per_batch"] == 2.0
     )  # 7 + 2 > 8
-
-
-def make_run_config():
-    return RunConfig(CFG, TrainConfig(tokenizer="byte"))
-
-
-def test_score_responses_encodes_the_prompt_once_and_matches_score_texts():
-    run = make_run_config()
-    model = RewardModel(run.model, rngs=nnx.Rngs(3))
-    prompt, responses = "Q: which is best? ", ["A: this one", "A: that", "A: neither of them, sorry", "A"]
-    got = score_responses(model, run, prompt, responses)
-    expected = score_texts(model, run, [prompt + r for r in responses])
-    np.testing.assert_allclose(got, expected, atol=2e-6)
-    with pytest.raises(ValueError, match="response 1: 298 tokens"):
-        score_responses(model, run, prompt, ["ok", "x" * 280])
