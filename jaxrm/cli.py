@@ -25,6 +25,7 @@ EPILOG = """examples:
   jaxrm eval runs/base --split test
   jaxrm eval runs/a runs/b --data pairs.jsonl   # two runs on the same pairs
   jaxrm score runs/base "What a wonderful day." "This is awful."
+  jaxrm score runs/x --prompt "Q: which? " --responses "A: this" "A: that"   # the prompt encoded once
   jaxrm serve runs/base --port 5000               # OpenRLHF: --reward.remote_url http://127.0.0.1:5000/get_reward
 """
 
@@ -285,9 +286,7 @@ def cmd_score(args, extra) -> int:
         shown = {"prompt": prompt, "responses": args.responses}
         items = [{"shown": shown, "prompt": prompt, "responses": args.responses, "where": "--responses: "}]
     scorer = Scorer.for_run(model, run, truncation=args.truncation)
-    texts = [
-        it["text"] if it["chat"] else prompt + it["text"] for it in items if "text" in it
-    ]  # chats: as rendered
+    texts = [it["text"] if it["chat"] else prompt + it["text"] for it in items if "text" in it]  # chats as is
     text_rewards = iter(scorer.score(scorer.encode(texts)[0]))
     groups = [
         scorer.encode_responses(it["prompt"], it["responses"], it["where"])[0]
