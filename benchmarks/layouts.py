@@ -8,7 +8,8 @@ Each profile draws pairs from fixed uniform distributions (seeded): a prompt of 
 two answers of A tokens each (prompt-heavy: P 400-600, A 50-100, multi-turn chat; HH-like: P
 100-250, A 40-120; answer-heavy: P 30-60, A 200-300). The model is a small float32 GPT-2 shape
 (d 128, 4 layers, 4 heads, vocab 1024); one train step (forward, backward, AdamW) per batch of
-`--pairs` pairs, including the layout's host-side conversion. Timing: the layouts' steps are
+`--pairs` pairs, including the layout's host-side conversion (a batch whose layout would not be
+cheaper than its rows runs in rows: "ran as rows", jaxrm/layout_cost.py). Timing: the layouts' steps are
 interleaved, one of each in turn, and the median is reported; tokens/s counts every token once
 (prompt + both answers).
 """
@@ -59,7 +60,8 @@ def profile_batch(profile: str, pairs: int, seed: int = 0) -> tuple[dict, int]:
 
 
 def jax_step(layout: str, batch: dict, pairs: int):
-    """one(): a train step of `layout` on the batch, waited for."""
+    """one(): a train step of `layout` on the batch, waited for; returns whether the step ran the
+    batch in rows because its layout would not have been cheaper (metrics["rows_fallback"])."""
     tc = TrainConfig(batch_size=pairs, layout=layout, max_steps=1000, warmup_steps=1)
     step = make_train_step(MODEL, tc)
     box = {"state": init_train_state(MODEL, tc, seed=0)}
@@ -68,6 +70,7 @@ def jax_step(layout: str, batch: dict, pairs: int):
     def one():
         box["state"], metrics = step(box["state"], steps_batch)
         metrics["loss"].block_until_ready()
+        return bool(metrics.get("rows_fallback", 0.0))
 
     return one
 
@@ -92,17 +95,16 @@ def torch_step(batch: dict):
     return one
 
 
-def time_interleaved(ones: dict, steps: int) -> dict:
-    """{name: median seconds per step}, after one warm-up (compile) call each."""
-    for one in ones.values():
-        one()
+def time_interleaved(ones: dict, steps: int) -> tuple[dict, dict]:
+    """({name: median seconds per step}, {name: what its warm-up (compile) call returned})."""
+    warm = {name: one() for name, one in ones.items()}
     times = {name: [] for name in ones}
     for _ in range(steps):
         for name, one in ones.items():
             start = time.perf_counter()
             one()
             times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return {name: float(np.median(t)) for name, t in times.items()}, warm
 
 
 def run_profile(profile: str, pairs: int, steps: int, with_torch: bool) -> list[dict]:
@@ -110,12 +112,12 @@ def run_profile(profile: str, pairs: int, steps: int, with_torch: bool) -> list[
     ones = {layout: jax_step(layout, batch, pairs) for layout in ("rows", "shared", "packed")}
     if with_torch:
         ones["torchref rows"] = torch_step(batch)
-    seconds = time_interleaved(ones, steps)
+    seconds, fell_back = time_interleaved(ones, steps)
     base = pairs / seconds["rows"]
     return [
         {
             "profile": profile,
-            "impl": name,
+            "impl": name + (" (ran as rows)" if fell_back[name] else ""),
             "T": batch["input_ids"].shape[1],
             "pairs_per_s": pairs / s,
             "tokens_per_s": unique / s,

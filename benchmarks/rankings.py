@@ -2,7 +2,7 @@
 prompt, trained as C(K, 2) Bradley-Terry pairs in `rows` (what Open-Assistant / OpenRLHF do) and
 as one listwise loss (plackett_luce) in the layouts rows, shared and packed.
 
-    python -m benchmarks.rankings [--prompts 2] [--ks 4,8] [--steps 3] [--profile hh] [--json FILE]
+    python -m benchmarks.rankings [--prompts 4] [--ks 4,8] [--steps 3] [--profile hh] [--json FILE]
 
 Prompts and answers are drawn from benchmarks.layouts' length profiles (default HH-like: prompts
 100-250 tokens, answers 40-120); the same responses feed every variant. Model: benchmarks.layouts'
@@ -124,7 +124,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--ks", default="4,8")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--profile", default="hh", choices=sorted(PROFILES))

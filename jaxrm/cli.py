@@ -25,8 +25,21 @@ EPILOG = """examples:
   jaxrm eval runs/base --split test
   jaxrm eval runs/a runs/b --data pairs.jsonl   # two runs on the same pairs
   jaxrm score runs/base "What a wonderful day." "This is awful."
+  jaxrm score runs/x --prompt "Q: which? " --responses "A: this" "A: that"   # the prompt encoded once
   jaxrm serve runs/base --port 5000               # OpenRLHF: --reward.remote_url http://127.0.0.1:5000/get_reward
 """
+
+
+SCORE_DESCRIPTION = """Rewards at the last token of each text, one JSON line per item, in input order:
+  a text (an argument, or an --input line: a string, {"text": ...}, or a chat as
+  {"messages": [{"role", "content"}, ...]} or a bare list) -> {"text": ..., "reward": R}
+  a prompt with responses (an --input line {"prompt": P, "responses": [R1, ...]}, prompt and
+  responses strings or chats, or --prompt P --responses R1 ...) -> {"prompt": P, "responses":
+  [R1, ...], "rewards": [...]}: the reward of P + Ri, as the text P + Ri gets it (within float32
+  rounding), with P's tokens encoded once per row of at most block_size tokens (responses that do
+  not fit one row go on to more rows, each with the prompt again)
+Over block_size tokens, a text or prompt + response keeps its last tokens (--truncation=left, the
+default: a prompt loses its start first) or is refused naming the line and response (error)."""
 
 
 class UsageError(ValueError):
@@ -282,37 +295,56 @@ def _write_normalization(run_dir, eval_step, model, data, path) -> None:
 
 
 def cmd_score(args, extra) -> int:
+    """One JSON line per text ({"text", "reward"}) and per prompt with responses ({"prompt",
+    "responses", "rewards"}: the prompt encoded once per row, jaxrm.score.Scorer.score_shared), in
+    input order."""
     from jaxrm.rundir import load_model
+    from jaxrm.score import Scorer
 
-    items = [(t, t) for t in args.texts]  # (what is printed as "text", what is scored before --prompt)
+    if args.responses is not None and (args.texts or args.input):
+        raise UsageError("--responses takes the responses to --prompt; give texts or --input without it")
+    items = [{"shown": {"text": t}, "text": t, "chat": False} for t in args.texts]
     if args.input:
-        items += _read_texts(args.input)
-    if not items:
-        raise UsageError("give texts as arguments or --input FILE.jsonl")
+        items += _read_score_input(args.input)
+    if not items and args.responses is None:
+        raise UsageError("give texts as arguments, --input FILE.jsonl, or --prompt P --responses R ...")
     run, model = load_model(args.run_dir, say=_note("score"))
+    finish = _reward_finisher(args)
     prompt = args.prompt if args.prompt is not None else ("" if run.train.data else "Sentence: ")
-    texts = [t if isinstance(shown, list) else prompt + t for shown, t in items]  # chats carry their prompt
-    for (shown, _), reward in zip(items, _score_rewards(args, run, model, texts)):
-        print(json.dumps({"text": shown, "reward": reward}))
+    if args.responses is not None:
+        shown = {"prompt": prompt, "responses": args.responses}
+        items = [{"shown": shown, "prompt": prompt, "responses": args.responses, "where": "--responses: "}]
+    scorer = Scorer.for_run(model, run, truncation=args.truncation)
+    texts = [it["text"] if it["chat"] else prompt + it["text"] for it in items if "text" in it]  # chats as is
+    text_rewards = iter(scorer.score(scorer.encode(texts)[0]))
+    groups = [
+        scorer.encode_responses(it["prompt"], it["responses"], it["where"])[0]
+        for it in items
+        if "responses" in it
+    ]
+    group_rewards = iter(scorer.score_shared(groups))
+    for it in items:
+        if "responses" in it:
+            print(json.dumps({**it["shown"], "rewards": finish(next(group_rewards))}))
+        else:
+            print(json.dumps({**it["shown"], "reward": finish([next(text_rewards)])[0]}))
     return 0
 
 
-def _score_rewards(args, run, model, texts: list[str]) -> list[float]:
-    """score's rewards: over-long texts truncated from the left (or refused with --truncation=error),
-    normalized with --normalize, clipped with --clip."""
-    from jaxrm.score import Scorer, clip_rewards, read_normalization
+def _reward_finisher(args):
+    """rewards -> rewards normalized with --normalize (the run's normalization.json) and clipped
+    with --clip."""
+    from jaxrm.score import clip_rewards, read_normalization
 
-    scorer = Scorer.for_run(model, run, truncation=args.truncation)
-    rewards = scorer.score(scorer.encode(texts)[0])
     if not args.normalize:
-        return clip_rewards(rewards, args.clip)
+        return lambda rewards: clip_rewards(rewards, args.clip)
     norm = read_normalization(args.run_dir)
     if norm is None:
         raise ValueError(
             f"{args.run_dir}: no normalization.json; write one with "
             f"`jaxrm eval {args.run_dir} --write-normalization`, or score without --normalize"
         )
-    return norm.apply(rewards, args.clip)
+    return lambda rewards: norm.apply(rewards, args.clip)
 
 
 def cmd_serve(args, extra) -> int:
@@ -343,34 +375,72 @@ def cmd_serve(args, extra) -> int:
     return serve(args.source, options)
 
 
-def _read_texts(path: str) -> list[tuple]:
-    """JSON Lines, one text per line: a string, an object with a "text" string, or a chat (a list of
-    {"role", "content"} messages, or an object with one as "messages" or "text"), rendered as in
-    training. [(the item as given, the text to score)]."""
-    from jaxrm.formats import DataError, render_chat
+def _read_score_input(path: str) -> list[dict]:
+    """score --input: JSON Lines, one item per line: a text (a string, an object with a "text"
+    string, or a chat: a list of {"role", "content"} messages, or an object with one as "messages"
+    or "text"), or a prompt with responses ({"prompt": text or chat, "responses": [text or chat,
+    ...]}); chats rendered as in training. Items: {"shown": the line's fields as given, "text" and
+    "chat" (whether --prompt is left off), or "prompt", "responses" and "where" (FILE:LINE)}."""
+    from jaxrm.formats import DataError
 
-    items = []
     p = pathlib.Path(path)
     if not p.is_file():
         raise UsageError(f"--input {path}: no such file")
+    items = []
     for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{path}:{lineno}"
         try:
             item = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            raise DataError(f"{where}: malformed JSON ({e.msg})") from None
+        if isinstance(item, dict) and "responses" in item:
+            items.append(_prompt_with_responses(item, where))
+            continue
         text = item.get("text", item.get("messages")) if isinstance(item, dict) else item
-        if isinstance(text, list):
-            items.append((text, render_chat(text, f"{path}:{lineno}", "messages")))
-        elif isinstance(text, str):
-            items.append((text, text))
-        else:
+        if not isinstance(text, str | list):
             raise DataError(
-                f'{path}:{lineno}: expected a string, an object with a "text" string, or a chat '
-                f'(a list of {{"role", "content"}} messages, or an object with "messages")'
+                f'{where}: expected a string, an object with a "text" string, a chat (a list of '
+                f'{{"role", "content"}} messages, or an object with "messages"), or an object with '
+                f'"prompt" and "responses"'
             )
+        items.append(
+            {
+                "shown": {"text": text},
+                "text": _score_text(text, where, "text"),
+                "chat": isinstance(text, list),
+            }
+        )
     return items
+
+
+def _prompt_with_responses(item: dict, where: str) -> dict:
+    """A {"prompt", "responses"} line of score --input (_read_score_input)."""
+    from jaxrm.formats import DataError
+
+    prompt, responses = item.get("prompt", ""), item["responses"]
+    if not isinstance(responses, list) or not responses:
+        raise DataError(f'{where}: "responses" must be a non-empty list of texts or chats')
+    return {
+        "shown": {"prompt": prompt, "responses": responses},
+        "prompt": _score_text(prompt, where, "prompt"),
+        "responses": [_score_text(r, where, f"response {i}") for i, r in enumerate(responses)],
+        "where": f"{where}: ",
+    }
+
+
+def _score_text(value, where: str, what: str) -> str:
+    """A text to score: a string, or chat messages rendered as training renders them."""
+    from jaxrm.formats import DataError, render_chat
+
+    if isinstance(value, list):
+        return render_chat(value, where, what)
+    if isinstance(value, str):
+        return value
+    raise DataError(
+        f"{where}: {what} must be a string or a list of chat messages, got {type(value).__name__}"
+    )
 
 
 def cmd_lint(args, extra) -> int:
@@ -581,14 +651,31 @@ def _add_eval(sub) -> None:
 
 
 def _add_score(sub) -> None:
-    p = sub.add_parser("score", help="rewards of texts, as JSON Lines")
+    p = sub.add_parser(
+        "score",
+        help="rewards of texts, or of a prompt's responses, as JSON Lines",
+        description=SCORE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("run_dir")
     p.add_argument("texts", nargs="*")
-    p.add_argument("--input", help='JSON Lines with a "text" field per line')
+    p.add_argument(
+        "--input",
+        help='JSON Lines: per line a text (a string, {"text": ...}, or a chat) or {"prompt": ..., '
+        '"responses": [...]}',
+    )
     p.add_argument(
         "--prompt",
-        help='prefix for every plain text (default: "Sentence: " for a run trained on the bundled '
-        "data, whose pairs carry it; none for a run trained on --data); chats are scored as rendered",
+        help='prefix for every plain text, and the prompt of --responses (default: "Sentence: " for a '
+        "run trained on the bundled data, whose pairs carry it; none for a run trained on --data); "
+        "chats and --input prompts are scored as given",
+    )
+    p.add_argument(
+        "--responses",
+        nargs="+",
+        metavar="RESPONSE",
+        help="score these responses to --prompt, the prompt encoded once: one line "
+        '{"prompt", "responses", "rewards"}',
     )
     _add_reward_options(p)
     p.set_defaults(func=cmd_score)

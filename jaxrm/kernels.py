@@ -151,11 +151,16 @@ def causal_attention(q, k, v, key, cfg, plan, segments=None):
     attention dropout (so the blocked form runs whenever dropout is on). plan.remat "attention":
     the probabilities are recomputed in the backward pass instead of stored.
     """
-    use_sdpa = plan.attention == "sdpa" and not (key is not None and cfg.attn_pdrop)
-    attention = _sdpa_causal_attention if use_sdpa else blocked_causal_attention
+    attention = _sdpa_causal_attention if runs_sdpa(plan, cfg, key is not None) else blocked_causal_attention
     if plan.remat == "attention":
         attention = jax.checkpoint(attention, static_argnums=(4, 5))
     return attention(q, k, v, key, cfg, plan, segments)
+
+
+def runs_sdpa(plan, cfg, dropout: bool) -> bool:
+    """Whether causal_attention runs jax.nn.dot_product_attention (else the blocked form): the plan
+    says sdpa and no attention dropout is drawn (`dropout`: a dropout key is given)."""
+    return plan.attention == "sdpa" and not (dropout and cfg.attn_pdrop)
 
 
 def segment_visibility(segments, q_start: int, q_end: int, k_end: int):

@@ -263,7 +263,7 @@ def ranking_batch(batch: dict, layout: str, pad_id: int, row_len: int, multiple:
     rows: one padded row per response (the reference: plain causal rows, no position / segment /
     branch ids); shared: one row per prompt, [prefix][response 1]...[response K]; packed: those
     groups first fit into rows of max(row_len, the longest group) tokens. Out: the token rows
-    (R, L) (R rounded up to a multiple of 8); ends (N, K) the flat index (row * L + column) of each
+    (R, L) (R rounded up to a multiple of 4); ends (N, K) the flat index (row * L + column) of each
     response's last token; ranks (N, K) and valid (N, K), K the largest group rounded up to a power
     of two (slots past a prompt's responses are not valid); prompt_valid (N,) from the batch's
     "valid" (eval's filler prompts) or all True."""
@@ -275,7 +275,7 @@ def ranking_batch(batch: dict, layout: str, pad_id: int, row_len: int, multiple:
     else:
         rows = [[g] for g in range(len(groups))]
     tokens, starts = layout_rows(groups, rows, pad_id, multiple)
-    tokens = _pad_rows(tokens, -(-len(rows) // 8) * 8, pad_id)
+    tokens = _pad_rows(tokens, -(-len(rows) // 4) * 4, pad_id)
     if layout == "rows":
         tokens = {"input_ids": tokens["input_ids"]}
     ends = [

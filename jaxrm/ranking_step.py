@@ -8,7 +8,8 @@ The data layer's ranking batch (jaxrm.ranking_data), N prompts with M responses 
     offsets   (N + 1,)       prompt i's rows are offsets[i]:offsets[i + 1]
     valid     (N,) bool      eval only: False for filler prompts
 On the host the steps turn it into TrainConfig.layout's rows (jaxrm.layouts.ranking_batch: one
-padded row per response for "rows", the prompt once for "shared" / "packed"); the model runs on
+padded row per response for "rows", the prompt once for "shared" / "packed", unless those rows
+would cost no less than the padded ones: jaxrm.layout_cost); the model runs on
 those, each response's end score (the reward at its last token, as for pairs) is gathered, and
 the loss is jaxrm.ranking.ranking_loss, averaged over prompts. With K = 2 both losses are the
 Bradley-Terry loss of the pair, i.e. loss_type="last_token" on pairs. One device, one micro-batch.
@@ -22,10 +23,11 @@ import numpy as np
 from flax import nnx
 
 from jaxrm.config import ModelConfig, TrainConfig
+from jaxrm.layout_cost import layout_is_cheaper
 from jaxrm.layouts import ranking_batch
 from jaxrm.ranking import ranking_loss
 from jaxrm.state import TrainState, model_graphdef
-from jaxrm.step import finish_update, jit_step, rows_rewards
+from jaxrm.step import finish_update, jit_step, rows_rewards, runs_sdpa_by_default
 
 
 def ranking_scores(model, batch: dict, deterministic: bool = True, key=None, plan=None):
@@ -49,10 +51,16 @@ def _prompt_mean(x, prompt_valid):
     return jnp.where(prompt_valid, x, 0.0).sum() / jnp.maximum(prompt_valid.sum(), 1)
 
 
-def _host_batch(batch: dict, tc: TrainConfig, model_config: ModelConfig) -> dict:
-    """The data layer's ranking batch in tc.layout (packed rows of the padded length T)."""
+def _host_batch(batch: dict, tc: TrainConfig, model_config: ModelConfig, sdpa: bool) -> dict:
+    """The data layer's ranking batch in tc.layout (packed rows of the padded length T), or in rows
+    when the layout's rows would cost no less (jaxrm.layout_cost; the same scores either way)."""
     batch = jax.device_get(batch)
-    return ranking_batch(batch, tc.layout, model_config.pad_id, row_len=batch["input_ids"].shape[-1])
+    rows = ranking_batch(batch, "rows", model_config.pad_id, row_len=0)
+    if tc.layout == "rows":
+        return rows
+    layout = ranking_batch(batch, tc.layout, model_config.pad_id, row_len=batch["input_ids"].shape[-1])
+    cheaper = layout_is_cheaper(rows["input_ids"].shape, layout["input_ids"].shape, model_config, sdpa)
+    return layout if cheaper else rows
 
 
 def check_ranking_step(tc: TrainConfig, mesh) -> None:
@@ -85,7 +93,15 @@ def make_ranking_train_step(model_config: ModelConfig, tc: TrainConfig, mesh=Non
         return finish_update(state, loss, grads, tc, stats)
 
     step = jit_step(train_step, tc)
-    return lambda state, batch: step(state, _host_batch(batch, tc, model_config))
+    sdpa = runs_sdpa_by_default(model_config, model_config.has_dropout)
+
+    def layout_or_rows_step(state: TrainState, batch: dict):
+        rows = _host_batch(batch, tc, model_config, sdpa)
+        state, metrics = step(state, rows)
+        fallback = tc.layout != "rows" and "positions" not in rows  # as jaxrm.step's rows_fallback
+        return state, {**metrics, "rows_fallback": float(fallback)} if tc.layout != "rows" else metrics
+
+    return layout_or_rows_step
 
 
 def make_ranking_eval_step(model_config: ModelConfig, tc: TrainConfig):
@@ -100,8 +116,10 @@ def make_ranking_eval_step(model_config: ModelConfig, tc: TrainConfig):
 
     step = jax.jit(eval_step)
 
+    sdpa = runs_sdpa_by_default(model_config, dropout=False)
+
     def run(params, batch):
-        rows = _host_batch(batch, tc, model_config)
+        rows = _host_batch(batch, tc, model_config, sdpa)
         out = jax.device_get(step(params, rows))
         keep = {name: rows[name] for name in ("ranks", "valid", "prompt_valid")}
         return {**{k: np.asarray(v) for k, v in out.items()}, **keep}

@@ -75,6 +75,7 @@ class Scorer:
         graphdef, state = nnx.split(model)
         self._state = state
         self._forward = jax.jit(lambda s, ids, at: nnx.merge(graphdef, s).scores_at(ids, at))
+        self._forward_layout = jax.jit(lambda s, rows: _layout_rewards(nnx.merge(graphdef, s), rows))
 
     @classmethod
     def for_run(cls, model: RewardModel, run: RunConfig, **options) -> Scorer:
@@ -83,6 +84,15 @@ class Scorer:
     def encode(self, texts: list[str]) -> tuple[list[list[int]], int]:
         """(checked, truncated ids per text, how many were truncated)."""
         return self.prepare([self.tokenizer.encode(text) for text in texts], "text")
+
+    def encode_responses(
+        self, prompt: str, responses: list[str], where: str = ""
+    ) -> tuple[list[list[int]], int]:
+        """(checked, truncated ids of prompt + each response, how many were truncated), as encode
+        makes them; an error names the response (after `where`, e.g. "FILE:LINE: ")."""
+        if not responses:
+            raise ScoreInputError(f"{where}no responses to score")
+        return self.prepare([self.tokenizer.encode(prompt + r) for r in responses], f"{where}response")
 
     def prepare(self, sequences, what: str = "sequence") -> tuple[list[list[int]], int]:
         """Checked ids, truncated from the left to max_len; (ids, how many were truncated)."""
@@ -130,6 +140,40 @@ class Scorer:
             float(r) for i in range(0, len(sequences), step) for r in self.run_batch(sequences[i : i + step])
         ]
 
+    def score_shared(self, groups: list[list[list[int]]]) -> list[list[float]]:
+        """Prepared sequences in groups, each group one prompt + its responses (encode_responses)
+        -> each group's rewards. Each group's common prefix is encoded once per row: rows
+        [prefix][suffix 1][suffix 2]... of at most max_len tokens (shared_prefix_rows), whose
+        suffixes restart their position ids where the prefix ends and see only the prefix and
+        themselves (jaxrm.layouts, TrainConfig.layout "shared"); so each reward is the one score
+        gives for that sequence, within float32 rounding. Rows in batches of the largest batch bucket."""
+        rows = [row for group in groups for row in shared_prefix_rows(group, self.max_len)]
+        step = self.batches[-1]
+        flat = [r for i in range(0, len(rows), step) for r in self.run_shared_rows(rows[i : i + step])]
+        ends = np.cumsum([len(group) for group in groups])
+        return [flat[end - len(group) : end] for group, end in zip(groups, ends, strict=True)]
+
+    def run_shared_rows(self, groups: list[tuple]) -> list[float]:
+        """One device batch of shared_prefix_rows groups, one row each, padded to the (batch,
+        length) buckets: the reward at each suffix's last token, in order."""
+        tokens, starts = layout_rows(
+            groups, [[g] for g in range(len(groups))], self.config.pad_id, multiple=1
+        )
+        R, L = tokens["input_ids"].shape
+        B, T = _bucket(self.batches, R), _bucket(self.lengths, L)
+        fill = {"input_ids": self.config.pad_id}  # padding rows and columns: PAD tokens of segment 0
+        padded = {
+            name: np.pad(x, ((0, B - R), (0, T - L)), constant_values=fill.get(name, 0))
+            for name, x in tokens.items()
+        }  # (B, T)
+        rewards = np.asarray(self._forward_layout(self._state, padded))  # (B, T)
+        out = []
+        for (_, suffixes, _), group_starts in zip(groups, starts, strict=True):
+            for start, suffix in zip(group_starts, suffixes, strict=True):
+                row, column = divmod(start, L)
+                out.append(float(rewards[row, column + len(suffix) - 1]))
+        return out
+
     def warm_up(self) -> float:
         """Compile every (batch, length) bucket; the seconds it took."""
         started = time.perf_counter()
@@ -156,38 +200,50 @@ def score_ids(
     return scorer.score(scorer.prepare(sequences)[0])
 
 
-def score_responses(model: RewardModel, run: RunConfig, prompt: str, responses: list[str]) -> list[float]:
-    """The reward at the last token of prompt + each response, with the prompt encoded once: one
-    row [prompt][response 1]...[response K] whose responses restart their position ids where the
-    prompt ends and see only the prompt and themselves (jaxrm.layouts, TrainConfig.layout
-    "shared"), so each reward is the one score_texts gives for prompt + response, within float32
-    rounding. The prompt is the token prefix all the encoded sequences share (a BPE merge across
-    the boundary stays in the response), less one token when a response would be left empty."""
-    tokenizer = get_tokenizer(run.train.tokenizer)
-    sequences = [tokenizer.encode(prompt + response) for response in responses]
-    _check_responses(model.config, run, sequences)
+def score_responses(
+    model: RewardModel,
+    run: RunConfig,
+    prompt: str,
+    responses: list[str],
+    truncation: str = "left",
+    batch_size: int = 32,
+) -> list[float]:
+    """The reward at the last token of prompt + each response, with the prompt encoded once
+    (Scorer.score_shared): each reward is the one score_texts gives for prompt + response, within
+    float32 rounding. Over block_size tokens, prompt + response keeps its last tokens
+    (truncation="left": the prompt loses its start first, as score_texts cuts a text) or is refused
+    (truncation="error", naming the response)."""
+    scorer = Scorer.for_run(model, run, max_batch=batch_size, truncation=truncation)
+    return scorer.score_shared([scorer.encode_responses(prompt, responses)[0]])[0]
+
+
+def _layout_rewards(model: RewardModel, rows: dict):
+    """Rewards (R, L) of layout rows (jaxrm.layouts.layout_rows' input_ids, positions,
+    segment_ids, branch_ids)."""
+    return model(
+        rows["input_ids"],
+        positions=rows["positions"],
+        segment_ids=rows["segment_ids"],
+        branch_ids=rows["branch_ids"],
+    )
+
+
+def shared_prefix_rows(sequences: list[list[int]], max_len: int) -> list[tuple]:
+    """Layout groups (prefix ids, [suffix ids, ...], p) (jaxrm.layouts.layout_rows) that hold
+    `sequences` (prompt + response ids, each at most max_len tokens) in order, one group per row of
+    at most max_len tokens: the prefix is the sequences' common first p tokens (less one when a
+    sequence would be left empty), then as many of the next suffixes as fit."""
     p = min(min(map(len, sequences)) - 1, _common_prefix(sequences))
-    group = (np.asarray(sequences[0][:p]), [np.asarray(s[p:]) for s in sequences], p)
-    rows, starts = layout_rows([group], [[0]], model.config.pad_id)
-    last = np.asarray([start + len(s) - p - 1 for start, s in zip(starts[0], sequences, strict=True)])
-    rewards = _forward_rows(model, rows)  # (1, L)
-    return np.asarray(rewards).reshape(-1)[last].tolist()
-
-
-def _check_responses(config, run: RunConfig, sequences: list[list[int]]) -> None:
-    """score_ids' refusals, for prompt + response sequences (an error names the response)."""
-    explicit = run.train.lengths == "explicit"
-    for i, ids in enumerate(sequences):
-        if len(ids) > config.block_size:
-            raise ValueError(
-                f"response {i}: {len(ids)} tokens with the prompt, more than block_size={config.block_size}"
-            )
-        if first_out_of_range(ids, config.vocab_size) is not None or (not explicit and config.pad_id in ids):
-            raise ValueError(
-                f"response {i} encodes to an id the model reserves or lacks (pad {config.pad_id})"
-            )
-    if not sequences or not all(sequences):
-        raise ValueError("score_responses needs at least one response, each non-empty with the prompt")
+    prefix = np.asarray(sequences[0][:p], np.int32)
+    groups, suffixes, room = [], [], max_len - p
+    for seq in sequences:
+        suffix = np.asarray(seq[p:], np.int32)
+        if suffixes and len(suffix) > room:  # this row is full: the prefix again in a new row
+            groups.append((prefix, suffixes, p))
+            suffixes, room = [], max_len - p
+        suffixes.append(suffix)
+        room -= len(suffix)
+    return groups + [(prefix, suffixes, p)]
 
 
 def _common_prefix(sequences: list[list[int]]) -> int:
@@ -197,16 +253,6 @@ def _common_prefix(sequences: list[list[int]]) -> int:
             break
         n += 1
     return n
-
-
-@nnx.jit
-def _forward_rows(model: RewardModel, rows: dict):
-    return model(
-        rows["input_ids"],
-        positions=rows["positions"],
-        segment_ids=rows["segment_ids"],
-        branch_ids=rows["branch_ids"],
-    )
 
 
 # -----------------------------------------------------------------------------

@@ -11,10 +11,14 @@ With TrainConfig.layout "shared" or "packed" the steps take the same batches and
 turn them into that layout's rows (jaxrm.layouts: each prompt once, position, segment and branch
 ids, and where each padded row's rewards are read); the model runs on those rows, the rewards are
 gathered back to the padded rows' positions, and the loss is the same function of them
-(jaxrm.loss.pairwise_loss_at). One device, one micro-batch.
+(jaxrm.loss.pairwise_loss_at). A batch whose layout rows would cost no less than its padded rows
+(jaxrm.layout_cost: long answers after short prompts) runs in rows instead. One device, one
+micro-batch.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +31,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxrm import sharding as shd
 from jaxrm.config import ModelConfig, TrainConfig
+from jaxrm.kernels import runs_sdpa
+from jaxrm.layout_cost import layout_is_cheaper
 from jaxrm.layouts import to_layout
 from jaxrm.loss import identical_pairs, loss_denominators, pairwise_loss, pairwise_loss_at, reduce_loss
 from jaxrm.metrics import pair_metrics
@@ -283,15 +289,27 @@ def _check_layout_step(tc: TrainConfig, mesh) -> None:
         )
 
 
-def _host_layout(batch: dict, tc: TrainConfig, model_config: ModelConfig) -> dict:
-    """A steps'-layout batch (module docstring) in tc.layout, on the host (jaxrm.layouts.to_layout)."""
+def _host_layout(batch: dict, tc: TrainConfig, model_config: ModelConfig, sdpa: bool) -> dict | None:
+    """A steps'-layout batch (module docstring) in tc.layout, on the host (jaxrm.layouts.to_layout);
+    None when that layout's rows would cost no less than the padded rows (jaxrm.layout_cost; `sdpa`:
+    the attention runs jax.nn.dot_product_attention)."""
     batch = jax.device_get(batch)
-    row_len = batch["input_ids"].shape[-1]  # packed rows of the padded length: never longer
-    return to_layout(batch, tc.layout, model_config.pad_id, tc.lengths == "explicit", row_len)
+    _, B, T = batch["input_ids"].shape
+    row_len = T  # packed rows of the padded length: never longer
+    layout = to_layout(batch, tc.layout, model_config.pad_id, tc.lengths == "explicit", row_len)
+    cheaper = layout_is_cheaper((2 * B, T), layout["input_ids"].shape, model_config, sdpa)
+    return layout if cheaper else None
+
+
+def runs_sdpa_by_default(model_config: ModelConfig, dropout: bool) -> bool:
+    """Whether a step's attention is jax.nn.dot_product_attention on the default devices."""
+    return runs_sdpa(execution_plan(model_config, 1, 1), model_config, dropout)
 
 
 def _layout_train_step(model_config: ModelConfig, tc: TrainConfig, mesh):
-    """make_train_step for tc.layout "shared" / "packed": same state, batches and metrics."""
+    """make_train_step for tc.layout "shared" / "packed": same state, batches and metrics, and
+    metrics["rows_fallback"]: 1.0 when the batch ran in rows because its layout would not have been
+    cheaper (_host_layout; the loss and gradients are the same, the dropout masks the rows' ones)."""
     _check_layout_step(tc, mesh)
     graphdef = model_graphdef(model_config)
 
@@ -310,7 +328,15 @@ def _layout_train_step(model_config: ModelConfig, tc: TrainConfig, mesh):
         return _finish_step(state, loss, out, grads, tc)
 
     step = jit_step(train_step, tc)
-    return lambda state, batch: step(state, _host_layout(batch, tc, model_config))
+    rows_step = make_train_step(model_config, dataclasses.replace(tc, layout="rows"))
+    sdpa = runs_sdpa_by_default(model_config, model_config.has_dropout)
+
+    def layout_or_rows_step(state: TrainState, batch: dict):
+        layout = _host_layout(batch, tc, model_config, sdpa)
+        state, metrics = rows_step(state, batch) if layout is None else step(state, layout)
+        return state, {**metrics, "rows_fallback": float(layout is None)}
+
+    return layout_or_rows_step
 
 
 def _layout_eval_step(model_config: ModelConfig, tc: TrainConfig):
@@ -322,7 +348,14 @@ def _layout_eval_step(model_config: ModelConfig, tc: TrainConfig):
         return _eval_outputs(out)
 
     step = jax.jit(eval_step)
-    return lambda params, batch: step(params, _host_layout(batch, tc, model_config))
+    rows_step = make_eval_step(model_config, dataclasses.replace(tc, layout="rows"))
+    sdpa = runs_sdpa_by_default(model_config, dropout=False)
+
+    def layout_or_rows_step(params, batch: dict):
+        layout = _host_layout(batch, tc, model_config, sdpa)
+        return rows_step(params, batch) if layout is None else step(params, layout)
+
+    return layout_or_rows_step
 
 
 # -----------------------------------------------------------------------------

@@ -16,14 +16,14 @@ import pytest
 from flax import nnx
 
 from jaxrm import cli
-from jaxrm.config import RunConfig, TrainConfig
+from jaxrm.config import TrainConfig
+from jaxrm.layout_cost import attention_area, layout_is_cheaper
 from jaxrm.layouts import layout_savings, pack, packed_batch, shared_batch, to_layout
 from jaxrm.loss import pairwise_loss
 from jaxrm.model import RewardModel
-from jaxrm.score import score_responses, score_texts
 from jaxrm.sharding import shard_batch
 from jaxrm.state import init_train_state
-from jaxrm.step import layout_loss, layout_rewards, make_train_step
+from jaxrm.step import layout_loss, layout_rewards, make_eval_step, make_train_step
 from tests.conftest import MODEL, make_run
 
 CFG = MODEL.replace(attention_block=8)  # several attention blocks at T <= 24
@@ -184,7 +184,14 @@ def test_out_of_range_positions_are_refused():
         model(ids, positions=jnp.zeros((1, 3), jnp.int32))
 
 
-def test_twenty_adamw_steps_follow_the_rows_trajectory():
+@pytest.fixture
+def always_layout(monkeypatch):
+    """The steps run every batch in its layout (never the cheaper-rows fallback), so the layout's
+    own math is what these tests compare with rows."""
+    monkeypatch.setattr("jaxrm.step.layout_is_cheaper", lambda *args: True)
+
+
+def test_twenty_adamw_steps_follow_the_rows_trajectory(always_layout):
     model = CFG.replace(embed_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, dropout=0.0)
     batches = [random_pairs(seed, B=6) for seed in range(4)]
     C = model.d_model
@@ -196,24 +203,104 @@ def test_twenty_adamw_steps_follow_the_rows_trajectory():
         for i in range(20):
             state, metrics = step(state, shard_batch(batches[i % 4], None, 6, lengths=True))
             losses[layout].append(float(metrics["loss"]))
+            assert metrics.get("rows_fallback", 0.0) == 0.0
         params[layout] = jax.device_get(state.params)
     for layout in ("shared", "packed"):
         np.testing.assert_allclose(losses[layout], losses["rows"], rtol=1e-4)
-        # parameters within 1e-4 (AdamW steps are up to lr = 3e-3 each), except those whose gradient
-        # is 0 in theory, which move by Adam-normalized rounding noise in every layout alike: ln_f's
-        # bias (a shift of every reward leaves a pairwise loss unchanged) and the key bias (softmax
-        # ignores a shift of all of a query's scores)
-        for path, a in jax.tree_util.tree_leaves_with_path(params[layout]):
-            names = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
-            b = params["rows"]
-            for name in names:
-                b = b[name]
-            if names[0] == "ln_f" and names[-1] == "bias":
-                continue
-            if names[-2:] == ["c_attn", "bias"]:
-                a, b = np.delete(a, np.s_[C : 2 * C]), np.delete(b, np.s_[C : 2 * C])
-            np.testing.assert_allclose(a, b, atol=1e-4, err_msg=str(names))
+        assert_params_close(params[layout], params["rows"], C, atol=1e-4)
     assert losses["rows"][-1] < losses["rows"][0]  # it trained
+
+
+def assert_params_close(params, reference, C: int, atol: float):
+    """Parameters within atol, except those whose gradient is 0 in theory, which move by
+    Adam-normalized rounding noise in every layout alike: ln_f's bias (a shift of every reward
+    leaves a pairwise loss unchanged) and the key bias (softmax ignores a shift of all of a query's
+    scores)."""
+    for path, a in jax.tree_util.tree_leaves_with_path(params):
+        names = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+        b = reference
+        for name in names:
+            b = b[name]
+        if names[0] == "ln_f" and names[-1] == "bias":
+            continue
+        if names[-2:] == ["c_attn", "bias"]:
+            a, b = np.delete(a, np.s_[C : 2 * C]), np.delete(b, np.s_[C : 2 * C])
+        np.testing.assert_allclose(a, b, atol=atol, err_msg=str(names))
+
+
+def profile_pairs(prompt_len: int, answer_len: int, B: int = 4, T: int = 24, seed: int = 0) -> dict:
+    """A rows batch of B pairs: a prompt of prompt_len tokens, then answers of answer_len or
+    answer_len - 1 tokens that differ from their first token on."""
+    rng = np.random.default_rng(seed)
+    ids = np.full((2, B, T), PAD, np.int32)
+    for i in range(B):
+        prompt = rng.integers(0, 50, prompt_len)
+        for side in range(2):
+            answer = rng.integers(0, 50, answer_len - (i + side) % 2)
+            answer[0] = 50 + side
+            text = np.concatenate([prompt, answer])
+            ids[side, i, : len(text)] = text
+    margins = np.zeros(B, np.float32)
+    return {
+        "input_ids": ids.reshape(2 * B, T),
+        "lengths": (ids != PAD).sum(-1).reshape(-1),
+        "margins": margins,
+    }
+
+
+def test_attention_area_is_what_each_kernel_computes():
+    assert attention_area(384, 128, sdpa=False) == 128 * (
+        128 + 256 + 384
+    )  # blocks above the diagonal skipped
+    assert attention_area(20, 8, sdpa=False) == 8 * 8 + 8 * 16 + 4 * 20  # a short last block
+    assert (
+        attention_area(20, 0, sdpa=False) == attention_area(20, 8, sdpa=True) == 400
+    )  # one block; sdpa: all
+
+
+def test_cost_rule_picks_rows_for_answer_heavy_and_the_layout_for_prompt_heavy():
+    from benchmarks.layouts import MODEL as BENCH_MODEL
+    from benchmarks.layouts import profile_batch
+
+    def cheaper(profile, layout):
+        batch = profile_batch(profile, 8)[0]
+        rows_shape = batch["input_ids"].shape  # (2B, T)
+        lb = to_layout(batch, layout, BENCH_MODEL.pad_id, True, rows_shape[1])
+        return layout_is_cheaper(rows_shape, lb["input_ids"].shape, BENCH_MODEL, sdpa=False)
+
+    for layout in ("shared", "packed"):
+        assert not cheaper("answer_heavy", layout)  # prompts 30-60 tokens, answers 200-300
+        assert cheaper("prompt_heavy", layout) and cheaper("hh", layout)
+
+
+def test_steps_fall_back_to_rows_when_the_layout_costs_more_and_agree_either_way():
+    model = CFG.replace(num_layer=1, embed_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, dropout=0.0)
+    steps = {}
+    for name in ("rows", "packed"):  # shared takes the same path (_layout_train_step / _layout_eval_step)
+        tc = TrainConfig(batch_size=4, max_steps=4, warmup_steps=1, layout=name)
+        steps[name] = (tc, make_train_step(model, tc), make_eval_step(model, tc))
+    # answer-heavy: rows 8 x 24 against layout rows 4 x 48; prompt-heavy: 8 x 24 against 4 x 32
+    for batch, fallback in ((profile_pairs(2, 22), 1.0), (profile_pairs(18, 5), 0.0)):
+        steps_batch = shard_batch(batch, None, 4, lengths=True)
+        results = {}
+        for name, (tc, train_step, eval_step) in steps.items():
+            state, metrics = train_step(init_train_state(model, tc, seed=0), steps_batch)
+            evaluated = eval_step(state.params, steps_batch)
+            results[name] = jax.device_get((state.params, metrics, evaluated))
+        (params, metrics, evaluated), (ref_params, ref_metrics, ref_evaluated) = (
+            results["packed"],
+            results["rows"],
+        )
+        assert metrics["rows_fallback"] == fallback
+        if fallback:  # the rows step itself: the same numbers to the bit
+            assert jax.tree.all(jax.tree.map(np.array_equal, params, ref_params))
+            assert all(np.array_equal(evaluated[k], ref_evaluated[k]) for k in ref_evaluated)
+            continue
+        np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
+        np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
+        assert_params_close(params, ref_params, model.d_model, atol=1e-6)
+        for key in ("chosen", "rejected", "loss"):
+            np.testing.assert_allclose(evaluated[key], ref_evaluated[key], atol=2e-6)
 
 
 def test_to_layout_takes_the_steps_layout_and_checks_the_name():
@@ -230,7 +317,7 @@ def test_to_layout_takes_the_steps_layout_and_checks_the_name():
         to_layout(steps, "rows", PAD, False, 24)
 
 
-def test_cli_train_packed_then_eval_with_and_without_layout(tmp_path, capsys):
+def test_cli_train_packed_then_eval_with_and_without_layout(tmp_path, capsys, always_layout):
     run = make_run(tmp_path)
     out = tmp_path / "packed"
     args = ["train", "--preset", "tiny", "--out", str(out), "--data", run.train.data, "--tokenizer=byte"]
@@ -257,18 +344,3 @@ def test_layout_savings_for_lint():
     assert (
         s["shared_saves_vs_rows"] == round(1 - 9 / 32, 4) and s["packed_rows_per_batch"] == 2.0
     )  # 7 + 2 > 8
-
-
-def make_run_config():
-    return RunConfig(CFG, TrainConfig(tokenizer="byte"))
-
-
-def test_score_responses_encodes_the_prompt_once_and_matches_score_texts():
-    run = make_run_config()
-    model = RewardModel(run.model, rngs=nnx.Rngs(3))
-    prompt, responses = "Q: which is best? ", ["A: this one", "A: that", "A: neither of them, sorry", "A"]
-    got = score_responses(model, run, prompt, responses)
-    expected = score_texts(model, run, [prompt + r for r in responses])
-    np.testing.assert_allclose(got, expected, atol=2e-6)
-    with pytest.raises(ValueError, match="response 1: 298 tokens"):
-        score_responses(model, run, prompt, ["ok", "x" * 280])

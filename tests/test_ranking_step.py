@@ -161,3 +161,37 @@ def test_mesh_and_accumulation_are_refused():
 def test_ranking_loss_refuses_pair_options():
     with pytest.raises(ValueError, match="takes no use_margins"):
         TrainConfig(loss_type="plackett_luce", use_margins=True)
+
+
+def test_layout_runs_as_rows_when_not_cheaper():
+    """The prompt-once rows are used when they cost less than one padded row per response
+    (jaxrm.layout_cost), else the batch runs in rows: the same scores either way."""
+    from jaxrm.ranking_step import _host_batch
+
+    tc = TrainConfig(loss_type="plackett_luce", layout="packed", batch_size=2)
+    cfg = CFG.replace(block_size=256)
+    rng = np.random.default_rng(5)
+
+    def two_prompts(prompt: int, answer: tuple) -> dict:  # 2 prompts x 4 responses, best first
+        rows = []
+        for _ in range(2):
+            shared = rng.integers(0, 6, prompt)
+            rows += [
+                np.concatenate([shared, [j], rng.integers(0, 6, rng.integers(*answer))]) for j in range(4)
+            ]
+        ids = np.full((8, max(map(len, rows))), PAD, np.int32)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+        ranks = np.tile(np.arange(1, 5, dtype=np.int32), 2)
+        return {
+            "input_ids": ids,
+            "lengths": np.array(list(map(len, rows)), np.int32),
+            "ranks": ranks,
+            "offsets": np.array([0, 4, 8]),
+        }
+
+    long_prompt, no_prompt = two_prompts(150, (5, 20)), two_prompts(0, (150, 200))
+    assert "positions" in _host_batch(long_prompt, tc, cfg, sdpa=False)
+    assert "positions" not in _host_batch(no_prompt, tc, cfg, sdpa=False)
+    metrics = make_ranking_train_step(cfg, tc)(init_train_state(cfg, tc, seed=0), no_prompt)[1]
+    assert metrics["rows_fallback"] == 1.0
