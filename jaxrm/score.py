@@ -21,6 +21,7 @@ from jaxrm.tokenizer import first_out_of_range, get_tokenizer
 
 NORMALIZATION = "normalization.json"  # in a run directory: {"mean", "std", "count", "source"}
 TRUNCATIONS = ("left", "error")
+DEFAULT_CALL_COST = 32.0  # padded tokens; about what a call of the `small` shape costs on a 2-core CPU
 
 
 class ScoreInputError(ValueError):
@@ -28,20 +29,21 @@ class ScoreInputError(ValueError):
 
 
 def length_buckets(max_len: int, smallest: int = 32) -> list[int]:
-    """Padded lengths: powers of two from `smallest` below max_len, then max_len."""
+    """Padded lengths below max_len, then max_len: `smallest` times powers of two and 1.5 times
+    those (32, 48, 64, 96, 128, ...), so a sequence is padded by at most a third of its bucket."""
     buckets, n = [], smallest
     while n < max_len:
-        buckets.append(n)
+        buckets += [b for b in (n, n * 3 // 2) if b < max_len]
         n *= 2
     return buckets + [max_len]
 
 
 def batch_buckets(max_batch: int) -> list[int]:
-    """Padded batch sizes: powers of four below max_batch, then max_batch."""
+    """Padded batch sizes: powers of two below max_batch, then max_batch."""
     buckets, n = [], 1
     while n < max_batch:
         buckets.append(n)
-        n *= 4
+        n *= 2
     return buckets + [max_batch]
 
 
@@ -49,10 +51,41 @@ def _bucket(buckets: list[int], n: int) -> int:
     return next(b for b in buckets if b >= n)
 
 
+def plan_calls(
+    lengths: list[int], batches: list[int], buckets: list[int], call_cost: float
+) -> list[list[int]]:
+    """The cheapest split of sequences of these `lengths` into device calls of the padded shapes
+    (batches x buckets): lists of indices into `lengths`, each at most batches[-1] long.
+
+    A call of n sequences whose longest has length l costs bucket(batches, n) * bucket(buckets, l)
+    padded tokens plus `call_cost`, the fixed cost of a call in padded-token equivalents. Some
+    cheapest split groups the sequences in runs of the length-sorted order, so a dynamic program
+    over that order finds it exactly: O(len(lengths) * batches[-1]).
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    padded_batch = [0] + [_bucket(batches, n) for n in range(1, batches[-1] + 1)]  # by call size
+    best = [0.0] + [math.inf] * len(order)  # best[j]: cheapest cost of the j shortest sequences
+    start = [0] * (len(order) + 1)  # start[j]: where the last call of that cheapest split starts
+    for j in range(1, len(order) + 1):
+        padded_length = _bucket(buckets, lengths[order[j - 1]])
+        for i in range(max(0, j - batches[-1]), j):
+            cost = best[i] + padded_batch[j - i] * padded_length + call_cost
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    calls, j = [], len(order)
+    while j:
+        calls.append(order[start[j] : j])
+        j = start[j]
+    return calls[::-1]
+
+
 class Scorer:
     """A model ready to score: its tokenizer, the input checks, and one compiled scores_at per
     (batch, length) bucket. Sequences longer than max_len lose tokens from the left
-    (truncation="left", as RewardBench does) or are refused (truncation="error")."""
+    (truncation="left", as RewardBench does) or are refused (truncation="error").
+
+    call_cost: the fixed cost of one device call in padded-token equivalents, which plan() weighs
+    against padding; warm_up() measures it (DEFAULT_CALL_COST until then)."""
 
     def __init__(
         self,
@@ -72,6 +105,7 @@ class Scorer:
         self.max_len, self.truncation = max_len or cfg.block_size, truncation
         self.lengths = length_buckets(self.max_len)
         self.batches = batch_buckets(max_batch)
+        self.call_cost = DEFAULT_CALL_COST
         graphdef, state = nnx.split(model)
         self._state = state
         self._forward = jax.jit(lambda s, ids, at: nnx.merge(graphdef, s).scores_at(ids, at))
@@ -110,8 +144,9 @@ class Scorer:
             out.append(ids)
         return out, truncated
 
-    def length_bucket(self, n: int) -> int:
-        return _bucket(self.lengths, n)
+    def plan(self, sequences: list[list[int]]) -> list[list[int]]:
+        """Prepared sequences -> the indices of each device call, the cheapest split (plan_calls)."""
+        return plan_calls([len(s) for s in sequences], self.batches, self.lengths, self.call_cost)
 
     def run_batch(self, sequences: list[list[int]]) -> np.ndarray:
         """One device batch of prepared sequences (at most the largest batch bucket): (n,) float32."""
@@ -131,12 +166,33 @@ class Scorer:
         ]
 
     def warm_up(self) -> float:
-        """Compile every (batch, length) bucket; the seconds it took."""
+        """Compile every (batch, length) bucket and measure call_cost; the seconds it took."""
         started = time.perf_counter()
         for B in self.batches:
             for T in self.lengths:
                 self.run_batch([[0] * T] * B)
+        self.call_cost = self._measure_call_cost()
         return time.perf_counter() - started
+
+    def _measure_call_cost(self, repeats: int = 3) -> float:
+        """The fixed cost of a call in padded-token equivalents, from one-row calls at the shortest
+        and the longest length bucket (best of `repeats` each): seconds = fixed + per_token * T.
+        Capped at the largest padded call's tokens, which plans one call per max_batch sequences
+        (an accelerator, where a call costs about the same whatever its shape)."""
+        short, long = self.lengths[0], self.lengths[-1]
+        cap = float(self.batches[-1] * long)
+        if short == long:
+            return min(cap, DEFAULT_CALL_COST)
+        seconds = {short: math.inf, long: math.inf}
+        for _ in range(repeats):
+            for T in seconds:
+                started = time.perf_counter()
+                self.run_batch([[0] * T])
+                seconds[T] = min(seconds[T], time.perf_counter() - started)
+        per_token = (seconds[long] - seconds[short]) / (long - short)
+        if per_token <= 0:
+            return cap
+        return min(cap, max(0.0, (seconds[short] - per_token * short) / per_token))
 
 
 def score_texts(model: RewardModel, run: RunConfig, texts: list[str], batch_size: int = 32) -> list[float]:

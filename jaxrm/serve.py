@@ -90,8 +90,8 @@ def load_source(source) -> tuple[object, object, bool, Normalization | None, str
 class Batcher:
     """The one thread that runs the model. submit() enqueues prepared sequences and returns one
     future per sequence; the thread takes the first waiting sequence, gathers more for at most
-    max_wait_s or until max_batch, scores them as one device batch per length bucket and
-    resolves their futures."""
+    max_wait_s or until max_batch, scores them in the device calls of the scorer's plan (the
+    split that costs the fewest padded tokens and calls) and resolves their futures."""
 
     def __init__(self, scorer: Scorer, max_batch: int, max_wait_s: float):
         self.scorer, self.max_batch, self.max_wait_s = scorer, max_batch, max_wait_s
@@ -132,15 +132,8 @@ class Batcher:
             if first is None:
                 return
             batch, stopping = self._gather(first)
-            for group in self._by_length(batch):
-                self._score(group)
-
-    def _by_length(self, batch: list) -> list[list]:
-        """The batch split by length bucket: a short text is not padded to a long one's length."""
-        groups: dict[int, list] = {}
-        for item in batch:
-            groups.setdefault(self.scorer.length_bucket(len(item[0])), []).append(item)
-        return list(groups.values())
+            for call in self.scorer.plan([ids for ids, _ in batch]):
+                self._score([batch[i] for i in call])
 
     def _score(self, group: list) -> None:
         try:
@@ -263,6 +256,7 @@ class Service:
             "truncation": s.truncation,
             "length_buckets": s.lengths,
             "batch_buckets": s.batches,
+            "call_cost_tokens": round(s.call_cost, 1),
             "max_batch": o.max_batch,
             "max_wait_ms": o.max_wait_ms,
             "normalize": o.normalize,
