@@ -79,13 +79,30 @@ def plan_calls(
     return calls[::-1]
 
 
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """Sequences of these lengths (each at most `width`) packed into rows of at most `width`
+    tokens, first fit in decreasing order of length: the indices of each row's sequences."""
+    rows, used = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, tokens in enumerate(used) if tokens + lengths[i] <= width), None)
+        if row is None:
+            rows.append([i])
+            used.append(lengths[i])
+        else:
+            rows[row].append(i)
+            used[row] += lengths[i]
+    return rows
+
+
 class Scorer:
     """A model ready to score: its tokenizer, the input checks, and one compiled scores_at per
     (batch, length) bucket. Sequences longer than max_len lose tokens from the left
     (truncation="left", as RewardBench does) or are refused (truncation="error").
 
-    call_cost: the fixed cost of one device call in padded-token equivalents, which plan() weighs
-    against padding; warm_up() measures it (DEFAULT_CALL_COST until then)."""
+    Two ways to run: run_batch() pads each sequence to a row of its own (score()); run_rows()
+    packs several sequences one after another into each row (scores_packed), as plan() arranges
+    them for the server. call_cost: the fixed cost of one device call in padded-token equivalents,
+    which plan() weighs against padding; warm_up() measures it (DEFAULT_CALL_COST until then)."""
 
     def __init__(
         self,
@@ -109,6 +126,7 @@ class Scorer:
         graphdef, state = nnx.split(model)
         self._state = state
         self._forward = jax.jit(lambda s, ids, at: nnx.merge(graphdef, s).scores_at(ids, at))
+        self._packed = jax.jit(lambda s, *rows: nnx.merge(graphdef, s).scores_packed(*rows))
 
     @classmethod
     def for_run(cls, model: RewardModel, run: RunConfig, **options) -> Scorer:
@@ -144,9 +162,41 @@ class Scorer:
             out.append(ids)
         return out, truncated
 
-    def plan(self, sequences: list[list[int]]) -> list[list[int]]:
-        """Prepared sequences -> the indices of each device call, the cheapest split (plan_calls)."""
-        return plan_calls([len(s) for s in sequences], self.batches, self.lengths, self.call_cost)
+    def plan(self, sequences: list[list[int]]) -> list[list[list[int]]]:
+        """At most max_batch prepared sequences -> device calls for run_rows: each call a list of
+        rows, each row the indices of its sequences. The sequences are packed into rows as wide
+        as the length bucket of the longest (pack_rows); the rows are split into calls of the
+        batch buckets where padding rows would cost more than a call (plan_calls)."""
+        if len(sequences) > self.batches[-1]:
+            raise ValueError(f"{len(sequences)} sequences to plan, more than max_batch={self.batches[-1]}")
+        lengths = [len(s) for s in sequences]
+        width = _bucket(self.lengths, max(lengths))
+        rows = pack_rows(lengths, width)
+        calls = plan_calls([width] * len(rows), self.batches, [width], self.call_cost)
+        return [[rows[r] for r in call] for call in calls]
+
+    def run_rows(self, rows: list[list[list[int]]]) -> np.ndarray:
+        """One device call of packed rows, each a list of prepared sequences (at most the largest
+        batch bucket of rows, max_batch sequences in all, max_len tokens a row): their rewards
+        (n,) float32, in row order."""
+        reads = self.batches[-1]
+        if sum(map(len, rows)) > reads or max(sum(map(len, row)) for row in rows) > self.max_len:
+            raise ValueError(f"more than {reads} sequences, or a row over max_len={self.max_len} tokens")
+        R = _bucket(self.batches, len(rows))
+        W = _bucket(self.lengths, max(sum(map(len, row)) for row in rows))
+        ids = np.full((R, W), self.config.pad_id, np.int32)  # (R, W): sequences one after another, PAD
+        positions = np.zeros((R, W), np.int32)  # (R, W): from 0 in each sequence
+        segments = np.full((R, W), -1, np.int32)  # (R, W): k in a row's k-th sequence, -1 in PAD
+        read_rows, read_cols = np.zeros((reads,), np.int32), np.zeros((reads,), np.int32)  # (reads,)
+        n = 0
+        for r, row in enumerate(rows):
+            start = 0
+            for k, seq in enumerate(row):
+                end = start + len(seq)
+                ids[r, start:end], positions[r, start:end], segments[r, start:end] = seq, range(len(seq)), k
+                read_rows[n], read_cols[n], start, n = r, end - 1, end, n + 1
+        packed = self._packed(self._state, ids, positions, segments, read_rows, read_cols)
+        return np.asarray(packed)[:n]  # the reads past n (at row 0, column 0) are discarded
 
     def run_batch(self, sequences: list[list[int]]) -> np.ndarray:
         """One device batch of prepared sequences (at most the largest batch bucket): (n,) float32."""
@@ -166,11 +216,12 @@ class Scorer:
         ]
 
     def warm_up(self) -> float:
-        """Compile every (batch, length) bucket and measure call_cost; the seconds it took."""
+        """Compile run_rows for every (rows, width) bucket and measure call_cost; the seconds it
+        took. (score() and run_batch compile their shapes when they first meet them.)"""
         started = time.perf_counter()
         for B in self.batches:
             for T in self.lengths:
-                self.run_batch([[0] * T] * B)
+                self.run_rows([[[0] * T]] * B)
         self.call_cost = self._measure_call_cost()
         return time.perf_counter() - started
 
@@ -187,7 +238,7 @@ class Scorer:
         for _ in range(repeats):
             for T in seconds:
                 started = time.perf_counter()
-                self.run_batch([[0] * T])
+                self.run_rows([[[0] * T]])
                 seconds[T] = min(seconds[T], time.perf_counter() - started)
         per_token = (seconds[long] - seconds[short]) / (long - short)
         if per_token <= 0:

@@ -90,8 +90,9 @@ def load_source(source) -> tuple[object, object, bool, Normalization | None, str
 class Batcher:
     """The one thread that runs the model. submit() enqueues prepared sequences and returns one
     future per sequence; the thread takes the first waiting sequence, gathers more for at most
-    max_wait_s or until max_batch, scores them in the device calls of the scorer's plan (the
-    split that costs the fewest padded tokens and calls) and resolves their futures."""
+    max_wait_s or until max_batch, scores them in the device calls of the scorer's plan (packed
+    several to a row, rows split into calls where that costs less than padding) and resolves
+    their futures."""
 
     def __init__(self, scorer: Scorer, max_batch: int, max_wait_s: float):
         self.scorer, self.max_batch, self.max_wait_s = scorer, max_batch, max_wait_s
@@ -133,17 +134,19 @@ class Batcher:
                 return
             batch, stopping = self._gather(first)
             for call in self.scorer.plan([ids for ids, _ in batch]):
-                self._score([batch[i] for i in call])
+                self._score([[batch[i] for i in row] for row in call])
 
-    def _score(self, group: list) -> None:
+    def _score(self, rows: list[list]) -> None:
+        """One device call of packed rows of (ids, future) items."""
+        items = [item for row in rows for item in row]
         try:
-            rewards = self.scorer.run_batch([ids for ids, _ in group])
+            rewards = self.scorer.run_rows([[ids for ids, _ in row] for row in rows])
         except Exception as e:  # every waiting caller hears of it; the thread goes on
-            for _, future in group:
+            for _, future in items:
                 future.set_exception(e)
             return
-        self.batches, self.texts = self.batches + 1, self.texts + len(group)
-        for (_, future), reward in zip(group, rewards):
+        self.batches, self.texts = self.batches + 1, self.texts + len(items)
+        for (_, future), reward in zip(items, rewards):
             future.set_result(float(reward))
 
 

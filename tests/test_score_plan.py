@@ -1,6 +1,6 @@
-"""How the scorer splits sequences into device calls: plan_calls is the cheapest split (checked
-against every partition of small inputs), the buckets, the measured call cost, and rewards that do
-not depend on the split."""
+"""How the server's scorer arranges sequences into device calls: packed rows (scores_packed,
+pack_rows), plan_calls as the cheapest split (checked against every partition of small inputs),
+the buckets, the measured call cost, and rewards that do not depend on the arrangement."""
 
 import itertools
 import time
@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from jaxrm.model import RewardModel
-from jaxrm.score import Scorer, batch_buckets, length_buckets, plan_calls
+from jaxrm.score import Scorer, batch_buckets, length_buckets, pack_rows, plan_calls
 from jaxrm.tokenizer import get_tokenizer
 from tests.conftest import MODEL
 
@@ -75,19 +75,64 @@ def test_measured_call_cost(monkeypatch):
     whose time does not grow with its length (an accelerator) is capped to one call per batch."""
     scorer = Scorer(RewardModel(MODEL, rngs=nnx.Rngs(0)), get_tokenizer("byte"), max_len=64, max_batch=4)
     fixed, per_token = 0.02, 0.0005  # seconds: 40 tokens' worth per call
-    monkeypatch.setattr(scorer, "run_batch", lambda seqs: time.sleep(fixed + per_token * len(seqs[0])))
+    monkeypatch.setattr(scorer, "run_rows", lambda rows: time.sleep(fixed + per_token * len(rows[0][0])))
     assert scorer._measure_call_cost() == pytest.approx(fixed / per_token, rel=0.3)
-    monkeypatch.setattr(scorer, "run_batch", lambda seqs: time.sleep(fixed))
+    monkeypatch.setattr(scorer, "run_rows", lambda rows: time.sleep(fixed))
     assert scorer._measure_call_cost() > 100  # the cap, 4 x 64, or a noisy estimate near it
 
 
-def test_rewards_do_not_depend_on_the_split():
-    scorer = Scorer(RewardModel(MODEL, rngs=nnx.Rngs(0)), get_tokenizer("byte"), max_len=64, max_batch=4)
+def test_scores_packed_equal_each_sequence_alone():
+    model = RewardModel(MODEL, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(0, MODEL.pad_id, n).astype(np.int32) for n in (5, 20, 3, 30, 1)]
+    padded = np.full((5, 30), MODEL.pad_id, np.int32)  # (5, 30): each sequence alone in a row
+    for i, seq in enumerate(sequences):
+        padded[i, : len(seq)] = seq
+    alone = nnx.jit(lambda m, ids, at: m.scores_at(ids, at))(model, padded, np.asarray([4, 19, 2, 29, 0]))
+    scores_packed = nnx.jit(lambda m, *rows: m.scores_packed(*rows))
+    ids = np.full((3, 40), MODEL.pad_id, np.int32)  # rows [0, 1, 2] [3, 4] and one of PAD only
+    positions, segments = np.zeros((3, 40), np.int32), np.full((3, 40), -1, np.int32)
+    reads = []
+    for r, row in enumerate([[0, 1, 2], [3, 4]]):
+        start = 0
+        for k, i in enumerate(row):
+            end = start + len(sequences[i])
+            ids[r, start:end], positions[r, start:end], segments[r, start:end] = (
+                sequences[i],
+                range(end - start),
+                k,
+            )
+            reads.append((r, end - 1))
+            start = end
+    rows, cols = np.asarray(reads).T
+    packed = scores_packed(model, ids, positions, segments, rows, cols)
+    np.testing.assert_allclose(packed, alone, atol=1e-6, rtol=0)
+    outside = scores_packed(model, ids, positions, segments, np.asarray([0, 3, 1]), np.asarray([40, 0, 8]))
+    assert np.isnan(outside[:2]).all() and np.isfinite(outside[2])
+
+
+def test_pack_rows():
+    lengths = [60, 3, 40, 5, 33, 64, 2, 7, 50]
+    rows = pack_rows(lengths, 64)
+    assert sorted(itertools.chain(*rows)) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+    assert len(rows) == 5  # 264 tokens: at least ceil(264 / 64) = 5 rows, and first fit finds 5
+    assert pack_rows([64, 64], 64) == [[0], [1]] and pack_rows([1] * 3, 64) == [[0, 1, 2]]
+
+
+def test_rewards_do_not_depend_on_the_arrangement():
+    scorer = Scorer(RewardModel(MODEL, rngs=nnx.Rngs(0)), get_tokenizer("byte"), max_len=64, max_batch=8)
     sequences = [list(range(1, n + 1)) for n in (60, 3, 40, 5, 33, 64, 2)]
     one_by_one = np.concatenate([scorer.run_batch([s]) for s in sequences])
     for call_cost in (0.0, 1e9):
         scorer.call_cost = call_cost
+        calls = scorer.plan(sequences)
+        # 4 rows of 64: one call when calls are dear; never a padding row when they are free
+        assert len(calls) == 1 if call_cost else all(len(call) in scorer.batches for call in calls)
         rewards = np.empty(len(sequences), np.float32)
-        for call in scorer.plan(sequences):
-            rewards[call] = scorer.run_batch([sequences[i] for i in call])
+        for call in calls:
+            rows = [[sequences[i] for i in row] for row in call]
+            rewards[[i for row in call for i in row]] = scorer.run_rows(rows)
         np.testing.assert_allclose(rewards, one_by_one, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="more than 8 sequences"):
+        scorer.run_rows([[[1]] * 9])
