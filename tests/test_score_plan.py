@@ -136,3 +136,13 @@ def test_rewards_do_not_depend_on_the_arrangement():
         np.testing.assert_allclose(rewards, one_by_one, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="more than 8 sequences"):
         scorer.run_rows([[[1]] * 9])
+
+
+def test_warm_up_compiles_every_bucket_so_no_call_traces():
+    scorer = Scorer(RewardModel(MODEL, rngs=nnx.Rngs(0)), get_tokenizer("byte"), max_len=64, max_batch=2)
+    assert scorer.warm_up() > 0 and sorted(scorer._compiled) == [(R, W) for R in (1, 2) for W in (32, 48, 64)]
+    sequences = [[1] * 40, [2] * 30, [3] * 5]
+    calls = scorer.plan(sequences[:2]) + scorer.plan(sequences[2:])
+    for call in calls:
+        scorer.run_rows([[sequences[i] for i in row] for row in call])
+    assert scorer._packed._cache_size() == 0  # every call ran a warm_up executable: nothing traced
