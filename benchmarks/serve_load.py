@@ -1,7 +1,8 @@
 """Load benchmark of `jaxrm serve` (loopback only, bounded in requests and time).
 
     python -m benchmarks.serve_load [--shapes small gpt2] [--concurrency 1 8 32] [--per-request 1 16]
-                                    [--requests 64] [--max-seconds 20] [--max-len 128] [--json FILE]
+                                    [--requests 64] [--max-seconds 20] [--max-len 128] [--rounds 3]
+                                    [--json FILE]
 
 For each model shape (random weights: speed does not depend on them) it starts three servers as
 processes on free 127.0.0.1 ports and drives each with closed-loop clients (each client sends its
@@ -11,13 +12,16 @@ next request when the last one is answered), texts of mixed lengths:
   torch        the exported GPT2ForSequenceClassification served the way OpenRLHF's serve_rm does:
                one eager forward per request (padded to its longest text), same HTTP stack
                (Starlette + uvicorn), same tokenizer and left truncation.
-Per (server, concurrency, texts per request): requests/s, texts/s, p50 / p99 latency.
+All the servers are up at once and measured in turn, cell by cell, `--rounds` times, so that a
+change in the machine's load meets every server alike (the table gives medians over the rounds).
+Per (server, concurrency, texts per request): requests/s, texts/s, p50 / p99 latency, the
+server's CPU time per request (Linux), and texts/s as a multiple of the torch baseline's.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import asyncio
 import contextlib
 import json
 import os
@@ -134,7 +138,7 @@ def server(cmd: list[str], port: int, start_timeout: float = 600):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{cmd}: not up after {start_timeout} s")
             time.sleep(0.5)
-        yield url
+        yield url, proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -143,30 +147,51 @@ def server(cmd: list[str], port: int, start_timeout: float = 600):
             proc.kill()
 
 
+async def post_json(reader, writer, host: str, path: str, body: bytes) -> bytes:
+    """One POST on an open HTTP/1.1 keep-alive connection: the response body; an error for a
+    status other than 200 or an answer without Content-Length (uvicorn always sends one)."""
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    headers = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
+    length = {k.strip().lower(): v.strip() for k, v in headers.items()}.get("content-length")
+    if length is None:
+        raise RuntimeError(f"{path}: answer without Content-Length: {lines[0]}")
+    answer = await reader.readexactly(int(length))
+    if lines[0].split(" ")[1] != "200":
+        raise RuntimeError(f"{path}: {lines[0]}: {answer[:500]!r}")
+    return answer
+
+
 def load(
     url: str, texts: list[str], concurrency: int, per_request: int, requests_: int, max_s: float
 ) -> dict:
-    """`concurrency` closed-loop clients send `requests_` requests in all (or stop after max_s)."""
-    counter, latencies, lock = [0], [], threading.Lock()
-    started = time.perf_counter()
+    """`concurrency` closed-loop clients send `requests_` requests in all (or stop after max_s).
 
-    def client(k: int) -> None:
-        session = requests.Session()
-        while True:
-            with lock:
-                i = counter[0]
-                if i >= requests_ or time.perf_counter() - started > max_s:
-                    return
-                counter[0] += 1
-            batch = [texts[(i * per_request + j) % len(texts)] for j in range(per_request)]
-            t0 = time.perf_counter()
-            r = session.post(url + "/get_reward", json={"query": batch}, timeout=180)
-            r.raise_for_status()
-            with lock:
+    The clients are coroutines in this one thread, each on its own keep-alive connection: about
+    0.05 ms of CPU per request where 32 threads of `requests` took 0.7 ms (benchmarks/NOTES.md),
+    so the client takes little of the CPU it shares with the server it measures."""
+    host, port = url.removeprefix("http://").split(":")
+    sent, latencies = [0], []
+
+    async def client() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            while sent[0] < requests_ and time.perf_counter() - started <= max_s:
+                i, sent[0] = sent[0], sent[0] + 1
+                batch = [texts[(i * per_request + j) % len(texts)] for j in range(per_request)]
+                body = json.dumps({"query": batch}).encode()
+                t0 = time.perf_counter()
+                await asyncio.wait_for(post_json(reader, writer, host, "/get_reward", body), 180)
                 latencies.append(time.perf_counter() - t0)
+        finally:
+            writer.close()
 
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(client, range(concurrency)))
+    async def clients() -> None:
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+
+    started = time.perf_counter()
+    asyncio.run(clients())
     wall = time.perf_counter() - started
     lat = np.asarray(latencies) * 1000
     return {
@@ -176,6 +201,23 @@ def load(
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc); NaN elsewhere."""
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def measure(url: str, pid: int, texts: list[str], concurrency: int, per_request: int, args) -> dict:
+    """One cell: load()'s figures, the server's CPU ms per request and the load average."""
+    before = cpu_seconds(pid)
+    result = load(url, texts, concurrency, per_request, args.requests, args.max_seconds)
+    cpu_ms = 1000 * (cpu_seconds(pid) - before) / max(1, result["requests"])
+    return {**result, "server_cpu_ms": cpu_ms, "load_average": os.getloadavg()[0]}
 
 
 def bench_shape(shape: str, args, root: pathlib.Path) -> list[dict]:
@@ -189,27 +231,66 @@ def bench_shape(shape: str, args, root: pathlib.Path) -> list[dict]:
         + ["--max-len", str(args.max_len)],
     }
     rows = []
-    for name, cmd in ((n, servers[n]) for n in args.servers):
-        with server(cmd, free_port()) as url:
+    with contextlib.ExitStack() as stack:
+        up = {name: stack.enter_context(server(servers[name], free_port())) for name in args.servers}
+        for url, _ in up.values():
             load(url, texts, 4, 1, 8, 60)  # warm-up (torch's first calls, connections)
-            for c in args.concurrency:
-                for k in args.per_request:
-                    result = load(url, texts, c, k, args.requests, args.max_seconds)
-                    row = {"shape": shape, "server": name, "concurrency": c, "texts_per_request": k, **result}
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
+        for round_ in range(args.rounds):
+            for c, k in ((c, k) for c in args.concurrency for k in args.per_request):
+                for name, (url, proc) in up.items():  # the servers in turn, cell by cell
+                    result = measure(url, proc.pid, texts, c, k, args)
+                    row = {"shape": shape, "server": name, "round": round_, "concurrency": c}
+                    rows.append({**row, "texts_per_request": k, **result})
+                    print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def medians(rows: list[dict]) -> list[dict]:
+    """One row per (shape, server, concurrency, texts per request): the medians over the rounds,
+    the range of texts/s, and texts/s over the torch baseline's median in the same cell."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["shape"], r["server"], r["concurrency"], r["texts_per_request"]), []).append(r)
+    out = []
+    for (shape, name, c, k), rs in cells.items():
+        keys = ("requests_per_s", "texts_per_s", "p50_ms", "p99_ms", "server_cpu_ms")
+        median = {key: float(np.median([r[key] for r in rs])) for key in keys}
+        spread = (min(r["texts_per_s"] for r in rs), max(r["texts_per_s"] for r in rs))
+        out.append(
+            {
+                "shape": shape,
+                "server": name,
+                "concurrency": c,
+                "texts_per_request": k,
+                **median,
+                "texts_per_s_range": spread,
+                "rounds": len(rs),
+            }
+        )
+    torch = {
+        (r["shape"], r["concurrency"], r["texts_per_request"]): r["texts_per_s"]
+        for r in out
+        if r["server"] == "torch"
+    }
+    for r in out:
+        base = torch.get((r["shape"], r["concurrency"], r["texts_per_request"]))
+        r["x_torch"] = r["texts_per_s"] / base if base else None
+    return out
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| shape | server | concurrency | texts/request | requests/s | texts/s | p50 ms | p99 ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| shape | server | concurrency | texts/request | texts/s (min-max) | x torch | p50 ms | p99 ms | "
+        "server CPU ms/request |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in medians(rows):
+        low, high = r["texts_per_s_range"]
+        ratio = f"{r['x_torch']:.2f}x" if r["x_torch"] else "-"
         lines.append(
             f"| {r['shape']} | {r['server']} | {r['concurrency']} | {r['texts_per_request']} | "
-            f"{r['requests_per_s']:.1f} | {r['texts_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |"
+            f"{r['texts_per_s']:.1f} ({low:.1f}-{high:.1f}) | {ratio} | {r['p50_ms']:.0f} | "
+            f"{r['p99_ms']:.0f} | {r['server_cpu_ms']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -223,6 +304,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-seconds", type=float, default=20.0, help="per cell")
     p.add_argument("--max-len", type=int, default=128, help="tokens per text (left-truncated)")
     p.add_argument("--servers", nargs="+", default=["jaxrm", "jaxrm-nobatch", "torch"])
+    p.add_argument(
+        "--rounds", type=int, default=3, help="each cell measured this many times, servers in turn"
+    )
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--torch-server", help=argparse.SUPPRESS)  # internal: run the baseline server
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -236,7 +320,8 @@ def main(argv=None) -> int:
             rows += bench_shape(shape, args, pathlib.Path(tmp))
     print(table(rows))
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        summary = {"rows": rows, "medians": medians(rows)}
+        pathlib.Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 

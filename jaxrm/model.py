@@ -102,9 +102,7 @@ def block_at(p, x, at, cfg: ModelConfig, plan: Plan):
     (B, 1, C). Keys and values are computed at every position, everything else only at `at`."""
     B, T, C = x.shape
     h = layer_norm(p["ln_1"], x, cfg.layer_norm_eps)  # (B, T, C)
-    c_attn = p["attn"]["c_attn"]
-    query_part = {"kernel": c_attn["kernel"][:, :C], "bias": c_attn["bias"][:C]}
-    key_value_part = {"kernel": c_attn["kernel"][:, C:], "bias": c_attn["bias"][C:]}
+    query_part, key_value_part = _query_and_key_value(p["attn"]["c_attn"], C)
     k, v = split_heads(linear(key_value_part, h, cfg, plan), cfg)  # each (B, T, nh, hs)
     (q,) = split_heads(
         linear(query_part, jnp.take_along_axis(h, at, axis=1), cfg, plan), cfg
@@ -114,6 +112,38 @@ def block_at(p, x, at, cfg: ModelConfig, plan: Plan):
     y = kernels.attend(q, k, v, visible).reshape(B, 1, C)  # (B, nh, 1, hs) -> (B, 1, C)
     x = jnp.take_along_axis(x, at, axis=1) + linear(p["attn"]["c_proj"], y, cfg, plan)  # (B, 1, C)
     return x + mlp(p["mlp"], layer_norm(p["ln_2"], x, cfg.layer_norm_eps), cfg, plan, None)
+
+
+def block_at_reads(p, x, rows, cols, segment_ids, cfg: ModelConfig, plan: Plan):
+    """block(p, x, segments=(segment_ids, 0)) read at N places of packed rows, for inference:
+    x (R, W, C), rows and cols (N,) int32 in range, segment_ids (R, W) -> (N, C). A read sees the
+    tokens of its own segment in its own row up to itself. Keys and values are computed at every
+    position, everything else only at the reads; each read meets the keys of all rows, masked
+    (N x R*W scores: no copy of its row's keys)."""
+    R, W, C = x.shape
+    h = layer_norm(p["ln_1"], x, cfg.layer_norm_eps).reshape(1, R * W, C)  # (1, R*W, C) rows end to end
+    query_part, key_value_part = _query_and_key_value(p["attn"]["c_attn"], C)
+    k, v = split_heads(linear(key_value_part, h, cfg, plan), cfg)  # each (1, R*W, nh, hs)
+    reads = rows * W + cols  # (N,) places in the rows laid end to end
+    (q,) = split_heads(linear(query_part, h[:, reads], cfg, plan), cfg)  # (1, N, nh, hs)
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (1, nh, N or R*W, hs)
+    place = jnp.arange(R * W)  # (R*W,)
+    segment = segment_ids.reshape(-1)  # (R*W,)
+    visible = (
+        (place[None, :] // W == rows[:, None])
+        & (place[None, :] <= reads[:, None])
+        & (segment[None, :] == segment[reads][:, None])
+    )  # (N, R*W): same row, not after the read, same segment
+    y = kernels.attend(q, k, v, visible[None, None])  # (1, nh, N, hs)
+    y = y.transpose(0, 2, 1, 3).reshape(-1, 1, C)  # (N, 1, C)
+    x = x.reshape(R * W, C)[reads][:, None] + linear(p["attn"]["c_proj"], y, cfg, plan)  # (N, 1, C)
+    return (x + mlp(p["mlp"], layer_norm(p["ln_2"], x, cfg.layer_norm_eps), cfg, plan, None))[:, 0]
+
+
+def _query_and_key_value(c_attn, C: int) -> tuple[dict, dict]:
+    """The fused qkv projection's query part and key-value part, as two linear() params."""
+    query_part = {"kernel": c_attn["kernel"][:, :C], "bias": c_attn["bias"][:C]}
+    return query_part, {"kernel": c_attn["kernel"][:, C:], "bias": c_attn["bias"][C:]}
 
 
 # ----------------------------------------------------------------------------- the model
@@ -229,6 +259,29 @@ class RewardModel(nnx.Module):
         x = layer_norm(params["ln_f"], block_at(last, x, at, cfg, plan), cfg.layer_norm_eps)  # (B, 1, C)
         scores = _reward_head(params["reward_head"]["kernel"], x)[:, 0]  # (B,)
         return jnp.where((positions >= 0) & (positions < T), scores, jnp.nan)
+
+    def scores_packed(self, input_ids, positions, segment_ids, rows, cols, plan=None):
+        """The rewards at N (row, column) places of packed rows (inference: no dropout), (N,)
+        float32. input_ids, positions and segment_ids are (R, W): each row holds sequences one
+        after another, each with its own segment id and position ids from 0 (padding: a segment
+        of its own). rows and cols (N,) int32: where to read; a read at a sequence's last token
+        is the reward scores_at gives that sequence alone (within float32 rounding). The last
+        block runs only at the reads (block_at_reads); a place outside the rows gives NaN."""
+        params, cfg = self._params(), self.config
+        check_input_ids(input_ids, cfg, positions)
+        R, W = input_ids.shape
+        plan = plan or _plan_for(input_ids, cfg)
+        x = _embed(params, input_ids, cfg, None, positions)
+        segments = _segments(input_ids, segment_ids, None)
+        *first, last = _blocks(params, cfg.num_layer)
+        x = run_blocks(functools.partial(block, segments=segments), first, x, cfg, plan, None)  # (R, W, C)
+        rows, cols = jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32)
+        inside = (rows >= 0) & (rows < R) & (cols >= 0) & (cols < W)
+        rows_in, cols_in = jnp.clip(rows, 0, R - 1), jnp.clip(cols, 0, W - 1)
+        x = block_at_reads(last, x, rows_in, cols_in, segments[0], cfg, plan)  # (N, C)
+        x = layer_norm(params["ln_f"], x, cfg.layer_norm_eps)
+        scores = _reward_head(params["reward_head"]["kernel"], x)  # (N,)
+        return jnp.where(inside, scores, jnp.nan)  # (N,)
 
     def _params(self) -> dict:
         """The parameters as a plain nested dict of arrays (tracers under a transform)."""

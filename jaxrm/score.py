@@ -21,6 +21,7 @@ from jaxrm.tokenizer import first_out_of_range, get_tokenizer
 
 NORMALIZATION = "normalization.json"  # in a run directory: {"mean", "std", "count", "source"}
 TRUNCATIONS = ("left", "error")
+DEFAULT_CALL_COST = 32.0  # padded tokens; about what a call of the `small` shape costs on a 2-core CPU
 
 
 class ScoreInputError(ValueError):
@@ -28,20 +29,21 @@ class ScoreInputError(ValueError):
 
 
 def length_buckets(max_len: int, smallest: int = 32) -> list[int]:
-    """Padded lengths: powers of two from `smallest` below max_len, then max_len."""
+    """Padded lengths below max_len, then max_len: `smallest` times powers of two and 1.5 times
+    those (32, 48, 64, 96, 128, ...), so a sequence is padded by at most a third of its bucket."""
     buckets, n = [], smallest
     while n < max_len:
-        buckets.append(n)
+        buckets += [b for b in (n, n * 3 // 2) if b < max_len]
         n *= 2
     return buckets + [max_len]
 
 
 def batch_buckets(max_batch: int) -> list[int]:
-    """Padded batch sizes: powers of four below max_batch, then max_batch."""
+    """Padded batch sizes: powers of two below max_batch, then max_batch."""
     buckets, n = [], 1
     while n < max_batch:
         buckets.append(n)
-        n *= 4
+        n *= 2
     return buckets + [max_batch]
 
 
@@ -49,10 +51,58 @@ def _bucket(buckets: list[int], n: int) -> int:
     return next(b for b in buckets if b >= n)
 
 
+def plan_calls(
+    lengths: list[int], batches: list[int], buckets: list[int], call_cost: float
+) -> list[list[int]]:
+    """The cheapest split of sequences of these `lengths` into device calls of the padded shapes
+    (batches x buckets): lists of indices into `lengths`, each at most batches[-1] long.
+
+    A call of n sequences whose longest has length l costs bucket(batches, n) * bucket(buckets, l)
+    padded tokens plus `call_cost`, the fixed cost of a call in padded-token equivalents. Some
+    cheapest split groups the sequences in runs of the length-sorted order, so a dynamic program
+    over that order finds it exactly: O(len(lengths) * batches[-1]).
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    padded_batch = [0] + [_bucket(batches, n) for n in range(1, batches[-1] + 1)]  # by call size
+    best = [0.0] + [math.inf] * len(order)  # best[j]: cheapest cost of the j shortest sequences
+    start = [0] * (len(order) + 1)  # start[j]: where the last call of that cheapest split starts
+    for j in range(1, len(order) + 1):
+        padded_length = _bucket(buckets, lengths[order[j - 1]])
+        for i in range(max(0, j - batches[-1]), j):
+            cost = best[i] + padded_batch[j - i] * padded_length + call_cost
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    calls, j = [], len(order)
+    while j:
+        calls.append(order[start[j] : j])
+        j = start[j]
+    return calls[::-1]
+
+
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """Sequences of these lengths (each at most `width`) packed into rows of at most `width`
+    tokens, first fit in decreasing order of length: the indices of each row's sequences."""
+    rows, used = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, tokens in enumerate(used) if tokens + lengths[i] <= width), None)
+        if row is None:
+            rows.append([i])
+            used.append(lengths[i])
+        else:
+            rows[row].append(i)
+            used[row] += lengths[i]
+    return rows
+
+
 class Scorer:
     """A model ready to score: its tokenizer, the input checks, and one compiled scores_at per
     (batch, length) bucket. Sequences longer than max_len lose tokens from the left
-    (truncation="left", as RewardBench does) or are refused (truncation="error")."""
+    (truncation="left", as RewardBench does) or are refused (truncation="error").
+
+    Two ways to run: run_batch() pads each sequence to a row of its own (score()); run_rows()
+    packs several sequences one after another into each row (scores_packed), as plan() arranges
+    them for the server. call_cost: the fixed cost of one device call in padded-token equivalents,
+    which plan() weighs against padding; warm_up() measures it (DEFAULT_CALL_COST until then)."""
 
     def __init__(
         self,
@@ -72,10 +122,13 @@ class Scorer:
         self.max_len, self.truncation = max_len or cfg.block_size, truncation
         self.lengths = length_buckets(self.max_len)
         self.batches = batch_buckets(max_batch)
+        self.call_cost = DEFAULT_CALL_COST
         graphdef, state = nnx.split(model)
         self._state = state
         self._forward = jax.jit(lambda s, ids, at: nnx.merge(graphdef, s).scores_at(ids, at))
         self._forward_layout = jax.jit(lambda s, rows: _layout_rewards(nnx.merge(graphdef, s), rows))
+        self._packed = jax.jit(lambda s, *rows: nnx.merge(graphdef, s).scores_packed(*rows))
+        self._compiled: dict[tuple[int, int], object] = {}  # (rows, width) -> warm_up's executable
 
     @classmethod
     def for_run(cls, model: RewardModel, run: RunConfig, **options) -> Scorer:
@@ -120,8 +173,42 @@ class Scorer:
             out.append(ids)
         return out, truncated
 
-    def length_bucket(self, n: int) -> int:
-        return _bucket(self.lengths, n)
+    def plan(self, sequences: list[list[int]]) -> list[list[list[int]]]:
+        """At most max_batch prepared sequences -> device calls for run_rows: each call a list of
+        rows, each row the indices of its sequences. The sequences are packed into rows as wide
+        as the length bucket of the longest (pack_rows); the rows are split into calls of the
+        batch buckets where padding rows would cost more than a call (plan_calls)."""
+        if len(sequences) > self.batches[-1]:
+            raise ValueError(f"{len(sequences)} sequences to plan, more than max_batch={self.batches[-1]}")
+        lengths = [len(s) for s in sequences]
+        width = _bucket(self.lengths, max(lengths))
+        rows = pack_rows(lengths, width)
+        calls = plan_calls([width] * len(rows), self.batches, [width], self.call_cost)
+        return [[rows[r] for r in call] for call in calls]
+
+    def run_rows(self, rows: list[list[list[int]]]) -> np.ndarray:
+        """One device call of packed rows, each a list of prepared sequences (at most the largest
+        batch bucket of rows, max_batch sequences in all, max_len tokens a row): their rewards
+        (n,) float32, in row order."""
+        reads = self.batches[-1]
+        if sum(map(len, rows)) > reads or max(sum(map(len, row)) for row in rows) > self.max_len:
+            raise ValueError(f"more than {reads} sequences, or a row over max_len={self.max_len} tokens")
+        R = _bucket(self.batches, len(rows))
+        W = _bucket(self.lengths, max(sum(map(len, row)) for row in rows))
+        ids = np.full((R, W), self.config.pad_id, np.int32)  # (R, W): sequences one after another, PAD
+        positions = np.zeros((R, W), np.int32)  # (R, W): from 0 in each sequence
+        segments = np.full((R, W), -1, np.int32)  # (R, W): k in a row's k-th sequence, -1 in PAD
+        read_rows, read_cols = np.zeros((reads,), np.int32), np.zeros((reads,), np.int32)  # (reads,)
+        n = 0
+        for r, row in enumerate(rows):
+            start = 0
+            for k, seq in enumerate(row):
+                end = start + len(seq)
+                ids[r, start:end], positions[r, start:end], segments[r, start:end] = seq, range(len(seq)), k
+                read_rows[n], read_cols[n], start, n = r, end - 1, end, n + 1
+        forward = self._compiled.get((R, W), self._packed)
+        packed = forward(self._state, ids, positions, segments, read_rows, read_cols)
+        return np.asarray(packed)[:n]  # the reads past n (at row 0, column 0) are discarded
 
     def run_batch(self, sequences: list[list[int]]) -> np.ndarray:
         """One device batch of prepared sequences (at most the largest batch bucket): (n,) float32."""
@@ -175,12 +262,38 @@ class Scorer:
         return out
 
     def warm_up(self) -> float:
-        """Compile every (batch, length) bucket; the seconds it took."""
+        """Compile run_rows for every (rows, width) bucket ahead of time (compiled only, not run:
+        run_rows calls these executables, so no call traces or compiles) and measure call_cost;
+        the seconds it took. (score() and run_batch compile their shapes when they first meet them.)"""
         started = time.perf_counter()
-        for B in self.batches:
-            for T in self.lengths:
-                self.run_batch([[0] * T] * B)
+        reads = jax.ShapeDtypeStruct((self.batches[-1],), np.int32)
+        for R in self.batches:
+            for W in self.lengths:
+                rows = jax.ShapeDtypeStruct((R, W), np.int32)  # ids, positions, segment ids
+                lowered = self._packed.lower(self._state, rows, rows, rows, reads, reads)
+                self._compiled[R, W] = lowered.compile()
+        self.call_cost = self._measure_call_cost()
         return time.perf_counter() - started
+
+    def _measure_call_cost(self, repeats: int = 3) -> float:
+        """The fixed cost of a call in padded-token equivalents, from one-row calls at the shortest
+        and the longest length bucket (best of `repeats` each): seconds = fixed + per_token * T.
+        Capped at the largest padded call's tokens, which plans one call per max_batch sequences
+        (an accelerator, where a call costs about the same whatever its shape)."""
+        short, long = self.lengths[0], self.lengths[-1]
+        cap = float(self.batches[-1] * long)
+        if short == long:
+            return min(cap, DEFAULT_CALL_COST)
+        seconds = {short: math.inf, long: math.inf}
+        for _ in range(repeats):
+            for T in seconds:
+                started = time.perf_counter()
+                self.run_rows([[[0] * T]])
+                seconds[T] = min(seconds[T], time.perf_counter() - started)
+        per_token = (seconds[long] - seconds[short]) / (long - short)
+        if per_token <= 0:
+            return cap
+        return min(cap, max(0.0, (seconds[short] - per_token * short) / per_token))
 
 
 def score_texts(model: RewardModel, run: RunConfig, texts: list[str], batch_size: int = 32) -> list[float]:

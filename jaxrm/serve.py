@@ -90,8 +90,9 @@ def load_source(source) -> tuple[object, object, bool, Normalization | None, str
 class Batcher:
     """The one thread that runs the model. submit() enqueues prepared sequences and returns one
     future per sequence; the thread takes the first waiting sequence, gathers more for at most
-    max_wait_s or until max_batch, scores them as one device batch per length bucket and
-    resolves their futures."""
+    max_wait_s or until max_batch, scores them in the device calls of the scorer's plan (packed
+    several to a row, rows split into calls where that costs less than padding) and resolves
+    their futures."""
 
     def __init__(self, scorer: Scorer, max_batch: int, max_wait_s: float):
         self.scorer, self.max_batch, self.max_wait_s = scorer, max_batch, max_wait_s
@@ -132,25 +133,20 @@ class Batcher:
             if first is None:
                 return
             batch, stopping = self._gather(first)
-            for group in self._by_length(batch):
-                self._score(group)
+            for call in self.scorer.plan([ids for ids, _ in batch]):
+                self._score([[batch[i] for i in row] for row in call])
 
-    def _by_length(self, batch: list) -> list[list]:
-        """The batch split by length bucket: a short text is not padded to a long one's length."""
-        groups: dict[int, list] = {}
-        for item in batch:
-            groups.setdefault(self.scorer.length_bucket(len(item[0])), []).append(item)
-        return list(groups.values())
-
-    def _score(self, group: list) -> None:
+    def _score(self, rows: list[list]) -> None:
+        """One device call of packed rows of (ids, future) items."""
+        items = [item for row in rows for item in row]
         try:
-            rewards = self.scorer.run_batch([ids for ids, _ in group])
+            rewards = self.scorer.run_rows([[ids for ids, _ in row] for row in rows])
         except Exception as e:  # every waiting caller hears of it; the thread goes on
-            for _, future in group:
+            for _, future in items:
                 future.set_exception(e)
             return
-        self.batches, self.texts = self.batches + 1, self.texts + len(group)
-        for (_, future), reward in zip(group, rewards):
+        self.batches, self.texts = self.batches + 1, self.texts + len(items)
+        for (_, future), reward in zip(items, rewards):
             future.set_result(float(reward))
 
 
@@ -263,6 +259,7 @@ class Service:
             "truncation": s.truncation,
             "length_buckets": s.lengths,
             "batch_buckets": s.batches,
+            "call_cost_tokens": round(s.call_cost, 1),
             "max_batch": o.max_batch,
             "max_wait_ms": o.max_wait_ms,
             "normalize": o.normalize,

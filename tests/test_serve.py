@@ -28,7 +28,6 @@ from jaxrm.score import (  # noqa: E402
     NORMALIZATION,
     Normalization,
     Scorer,
-    length_buckets,
     read_normalization,
     write_normalization,
 )
@@ -205,7 +204,8 @@ def test_info(served):
     _, url = served
     info = requests.get(url + "/info", headers=AUTH, timeout=TIMEOUT).json()
     assert info["model"]["vocab_size"] == 257 and info["pad_id"] == 256 and info["tokenizer"] == "byte"
-    assert info["max_len"] == 64 and info["length_buckets"] == [32, 64] and info["batch_buckets"] == [1, 4, 8]
+    assert info["max_len"] == 64 and info["length_buckets"] == [32, 48, 64]
+    assert info["batch_buckets"] == [1, 2, 4, 8] and info["call_cost_tokens"] >= 0
     assert info["normalization"]["mean"] == 0.25 and info["normalize"] is False
     assert info["version"] and info["compile_s"] > 0
 
@@ -279,7 +279,6 @@ def test_scorer_truncates_from_the_left():
     assert truncated == 1 and ids[0] == list(b"b" * 32)
     full = Scorer(model, get_tokenizer("byte"), max_batch=4)
     assert scorer.score(ids) == pytest.approx(full.score([list(b"b" * 32), list(b"short")]), abs=1e-6)
-    assert length_buckets(64) == [32, 64] and length_buckets(100) == [32, 64, 100]
 
 
 def test_training_and_eval_write_normalization(tmp_path):
