@@ -350,9 +350,15 @@ def _reward_finisher(args):
 def cmd_serve(args, extra) -> int:
     from jaxrm.serve import ServeOptions, serve
 
-    if args.max_batch < 1 or args.max_wait_ms < 0 or args.max_texts < 1 or args.max_body_bytes < 1:
+    if (
+        args.max_batch < 1
+        or min(args.max_wait_ms, args.max_idle_ms) < 0
+        or args.max_texts < 1
+        or args.max_body_bytes < 1
+    ):
         raise SystemExit(
-            "jaxrm serve: --max-batch, --max-texts and --max-body-bytes must be >= 1, --max-wait-ms >= 0"
+            "jaxrm serve: --max-batch, --max-texts and --max-body-bytes must be >= 1, --max-wait-ms and "
+            "--max-idle-ms >= 0"
         )
     api_key = None
     if args.api_key_file:
@@ -364,6 +370,7 @@ def cmd_serve(args, extra) -> int:
         port=args.port,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
+        max_idle_ms=args.max_idle_ms,
         normalize=args.normalize,
         clip=tuple(args.clip) if args.clip else None,
         max_len=args.max_len,
@@ -712,6 +719,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--max-batch", type=int, default=32, help="texts per device batch (1: batching off)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more texts")
+    p.add_argument(
+        "--max-idle-ms",
+        type=float,
+        default=1.0,
+        help="a batch stops waiting when no text arrived for this long (a burst is over)",
+    )
     p.add_argument("--max-len", type=int, default=0, help="tokens per text (default: the model's block_size)")
     p.add_argument(
         "--api-key-file", help="a file holding the key clients send as 'Authorization: Bearer KEY'"

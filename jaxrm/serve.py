@@ -34,6 +34,7 @@ class ServeOptions:
     port: int = 5000
     max_batch: int = 32  # texts per device batch
     max_wait_ms: float = 5.0  # how long the first text of a batch waits for more
+    max_idle_ms: float = 1.0  # ... but a batch stops waiting when no text arrived for this long
     normalize: bool = False
     clip: tuple[float, float] | None = None
     max_len: int = 0  # tokens per text; 0 = the model's block_size
@@ -90,12 +91,14 @@ def load_source(source) -> tuple[object, object, bool, Normalization | None, str
 class Batcher:
     """The one thread that runs the model. submit() enqueues prepared sequences and returns one
     future per sequence; the thread takes the first waiting sequence, gathers more for at most
-    max_wait_s or until max_batch, scores them in the device calls of the scorer's plan (packed
-    several to a row, rows split into calls where that costs less than padding) and resolves
-    their futures."""
+    max_wait_s, until max_batch or until no text arrived for idle_gap_s (a burst of requests is
+    over: waiting longer would only leave the device idle), scores them in the device calls of the
+    scorer's plan (packed several to a row, rows split into calls where that costs less than
+    padding) and resolves their futures."""
 
-    def __init__(self, scorer: Scorer, max_batch: int, max_wait_s: float):
+    def __init__(self, scorer: Scorer, max_batch: int, max_wait_s: float, idle_gap_s: float = 0.001):
         self.scorer, self.max_batch, self.max_wait_s = scorer, max_batch, max_wait_s
+        self.idle_gap_s = idle_gap_s
         self.queue: queue.Queue = queue.Queue()
         self.batches = self.texts = 0
         self.thread = threading.Thread(target=self._run, name="jaxrm-batcher", daemon=True)
@@ -118,7 +121,7 @@ class Batcher:
         batch, deadline = [first], time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch:
             try:
-                item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                item = self.queue.get(timeout=max(0.0, min(deadline - time.monotonic(), self.idle_gap_s)))
             except queue.Empty:
                 break
             if item is None:
@@ -229,7 +232,9 @@ class Service:
         self.scorer = Scorer(
             model, tokenizer, explicit, options.max_len, options.truncation, options.max_batch
         )
-        self.batcher = Batcher(self.scorer, options.max_batch, options.max_wait_ms / 1000)
+        self.batcher = Batcher(
+            self.scorer, options.max_batch, options.max_wait_ms / 1000, options.max_idle_ms / 1000
+        )
         self.compile_s = 0.0
 
     def warm_up(self) -> float:

@@ -219,7 +219,10 @@ def test_normalize_clip_truncation_error_and_sigterm(tmp_path):
     np.testing.assert_allclose(expected, np.clip((np.asarray(raw) - 0.25) / 0.5, -1, 1), atol=1e-6)
     flags = "--max-batch 64 --max-len 64 --truncation error --normalize --clip -1 1".split()
     timed = lambda texts: (post(url, "/score", {"texts": texts}), time.monotonic())  # noqa: E731
-    with server(run_dir, *flags, "--max-wait-ms", "1500") as (url, proc):  # a batch waits 1.5 s for more
+    with server(run_dir, *flags, "--max-wait-ms", "1500", "--max-idle-ms", "1500") as (
+        url,
+        proc,
+    ):  # waits 1.5 s
         body = post(url, "/get_reward", {"query": SHORT}).json()
         np.testing.assert_allclose(body["rewards"], expected, atol=1e-6, rtol=0)
         np.testing.assert_allclose(body["extra_logs"]["raw_reward"], raw, atol=1e-6, rtol=0)
@@ -303,3 +306,34 @@ def test_training_and_eval_write_normalization(tmp_path):
     assert again.std == pytest.approx(np.std(rewards), abs=1e-5)
     normalized = cli_score(out, texts, "--normalize")
     np.testing.assert_allclose(normalized, (np.asarray(rewards) - again.mean) / again.std, atol=1e-5)
+
+
+class _RecordingScorer:
+    """Stands in for Scorer in the Batcher: one call per gathered batch, the reward = length."""
+
+    def __init__(self):
+        self.calls = []
+
+    def plan(self, sequences):
+        return [[[i] for i in range(len(sequences))]]
+
+    def run_rows(self, rows):
+        self.calls.append(len(rows))
+        return [float(len(row[0])) for row in rows]
+
+
+def test_batcher_stops_waiting_when_a_burst_is_over():
+    from jaxrm.serve import Batcher
+
+    scorer = _RecordingScorer()
+    batcher = Batcher(scorer, max_batch=8, max_wait_s=2.0, idle_gap_s=0.05)
+    batcher.start()
+    try:
+        started = time.monotonic()
+        assert batcher.submit([[1, 2, 3]])[0].result(timeout=5) == 3.0
+        assert time.monotonic() - started < 1.0  # not the 2 s max_wait: nothing else arrived
+        futures = batcher.submit([[1]] * 5)  # a burst: one batch
+        assert [f.result(timeout=5) for f in futures] == [1.0] * 5
+        assert scorer.calls == [1, 5]
+    finally:
+        batcher.stop()
