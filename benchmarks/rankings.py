@@ -97,16 +97,23 @@ def _one(step, tc: TrainConfig, batch: dict):
     def one():
         box["state"], metrics = step(box["state"], batch)
         metrics["loss"].block_until_ready()
+        return bool(metrics.get("rows_fallback", 0.0))  # the layout ran as rows (jaxrm.layout_cost)
 
     return one
 
 
 def run(profile: str, prompts: int, k: int, steps: int) -> list[dict]:
     groups = ranked_prompts(profile, prompts, k)
-    seconds = time_interleaved(variants(groups), steps)
+    seconds, fell_back = time_interleaved(variants(groups), steps)
     base = next(iter(seconds.values()))
     return [
-        {"profile": profile, "K": k, "impl": name, "prompts_per_s": prompts / s, "vs_pairs": base / s}
+        {
+            "profile": profile,
+            "K": k,
+            "impl": name + (" (ran as rows)" if fell_back[name] else ""),
+            "prompts_per_s": prompts / s,
+            "vs_pairs": base / s,
+        }
         for name, s in seconds.items()
     ]
 
