@@ -85,32 +85,14 @@ def encode_rankings(
     check_encoding(
         truncation=truncation, lengths=lengths, seq_len=seq_len, pad_id=pad_id, vocab_size=vocab_size
     )
-    stats = {
-        "rankings_in": len(rankings),
-        "rankings_kept": 0,
-        "responses_kept": 0,
-        "ordered_pairs": 0,
-        "dropped_duplicate_responses": 0,
-        "dropped_no_preference": 0,
-        "dropped_too_long": 0,
-        "max_len": 0,
-        "max_k": 0,
-    }
-    if truncation == "left":
-        stats["truncated_left"] = 0
+    stats = _fresh_stats(len(rankings), truncation)
+    checks = dict(pad_id=pad_id, vocab_size=vocab_size, lengths=lengths)
     kept, kept_index = [], []  # ([ids of each response], (rank of each)); its index in `rankings`
     for i, ranking in enumerate(rankings):
         where = pair_location(source, i, ranking, with_index=True, item="ranking")
-        seqs = _checked_responses(
-            ranking, tokenizer, where, pad_id=pad_id, vocab_size=vocab_size, lengths=lengths
-        )
-        seqs, ranks = _distinct(seqs, ranking.ranks, stats)
-        if len(seqs) < 2 or len(set(ranks)) < 2:
-            stats["dropped_no_preference"] += 1
-            continue
-        fitted = fit_sequences(seqs, seq_len, truncation, where, stats)
-        if fitted is not None:
-            kept.append((fitted, ranks))
+        encoded = _encoded(ranking, tokenizer, where, seq_len, truncation, stats, checks)
+        if encoded is not None:
+            kept.append(encoded)
             kept_index.append(i)
     if not kept:
         raise DataError(f"{source}: no rankings left after filtering ({stats})")
@@ -123,6 +105,35 @@ def encode_rankings(
         max_k=int(data.group_sizes().max()),
     )
     return data, stats
+
+
+def _fresh_stats(rankings: int, truncation: str) -> dict:
+    stats = {
+        "rankings_in": rankings,
+        "rankings_kept": 0,
+        "responses_kept": 0,
+        "ordered_pairs": 0,
+        "dropped_duplicate_responses": 0,
+        "dropped_no_preference": 0,
+        "dropped_too_long": 0,
+        "max_len": 0,
+        "max_k": 0,
+    }
+    if truncation == "left":
+        stats["truncated_left"] = 0
+    return stats
+
+
+def _encoded(ranking: Ranking, tokenizer, where: str, seq_len: int, truncation: str, stats: dict, checks):
+    """(the kept responses' ids, their ranks) of one ranking, or None when it is dropped
+    (encode_rankings' rules, counted in `stats`)."""
+    seqs = _checked_responses(ranking, tokenizer, where, **checks)
+    seqs, ranks = _distinct(seqs, ranking.ranks, stats)
+    if len(seqs) < 2 or len(set(ranks)) < 2:
+        stats["dropped_no_preference"] += 1
+        return None
+    fitted = fit_sequences(seqs, seq_len, truncation, where, stats)
+    return None if fitted is None else (fitted, ranks)
 
 
 def _checked_responses(ranking: Ranking, tokenizer, where: str, **checks) -> list[list[int]]:
