@@ -37,7 +37,7 @@ def test_layouts_match_torchref_on_rows(layout, jax_device):
         out = layout_loss(rewards, lb, TrainConfig())
         return out.loss, out
 
-    (jax_loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (jax_loss, out), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
     identical = np.asarray(out.identical)
     np.testing.assert_allclose(np.asarray(out.chosen_end_scores), [s.item() for s in c_scores], atol=1e-5)
     np.testing.assert_allclose(
@@ -104,7 +104,7 @@ def test_rankings_match_torchref_on_rows(layout, jax_device):
         scores = ranking_scores(nnx.merge(graphdef, params), {k: jnp.asarray(v) for k, v in lb.items()})
         return ranking_loss(scores, lb["ranks"], lb["valid"]).mean(), scores
 
-    (jax_loss, scores), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (jax_loss, scores), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
     np.testing.assert_allclose(np.asarray(scores)[lb["valid"]], [s.item() for s in end_scores], atol=1e-5)
     np.testing.assert_allclose(float(jax_loss), loss.item(), rtol=1e-5)
     jax_grads = convert.to_torch_state_dict(nnx.merge(graphdef, grads))

@@ -81,7 +81,7 @@ def rows_reference(model, batch, tc: TrainConfig):
         )
         return out.loss, (rewards, out)
 
-    (_, aux), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+    (_, aux), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
     return aux, grads
 
 
@@ -91,7 +91,7 @@ def layout_result(model, lb, tc: TrainConfig):
         out = layout_loss(rewards, lb, tc)
         return out.loss, (rewards, out)
 
-    (_, aux), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+    (_, aux), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
     return aux, grads
 
 

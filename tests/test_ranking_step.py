@@ -57,7 +57,7 @@ def result(model, batch, layout, loss_type):
         scores = ranking_scores(model, lb)
         return ranking_loss(scores, lb["ranks"], lb["valid"], loss_type).mean(), scores
 
-    (value, scores), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+    (value, scores), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
     return value, np.where(lb["valid"], scores, 0), jax.tree.leaves(nnx.state(grads)), lb
 
 
@@ -80,9 +80,9 @@ def test_rows_scores_are_plain_end_scores():
     model = RewardModel(CFG, rngs=nnx.Rngs(1))
     batch = random_rankings(1)
     lb = ranking_batch(batch, "packed", PAD, row_len=40)
-    rewards = np.asarray(model(batch["input_ids"]))  # (M, T)
+    rewards = np.asarray(nnx.jit(lambda m, ids: m(ids))(model, batch["input_ids"]))  # (M, T)
     expected = rewards[np.arange(len(batch["lengths"])), batch["lengths"] - 1]
-    scores = np.asarray(ranking_scores(model, lb))[lb["valid"]]
+    scores = np.asarray(nnx.jit(ranking_scores)(model, lb))[lb["valid"]]
     np.testing.assert_allclose(scores, expected, atol=2e-6)
     np.testing.assert_array_equal(lb["ranks"][lb["valid"]], batch["ranks"])
 
@@ -107,7 +107,7 @@ def test_k2_is_the_pairs_bradley_terry_loss():
     def pair_loss(model):
         return pairwise_loss(model(pairs["input_ids"]), pairs["input_ids"], PAD, loss_type="last_token").loss
 
-    ref_loss, ref_grads = nnx.value_and_grad(pair_loss)(model)
+    ref_loss, ref_grads = nnx.jit(nnx.value_and_grad(pair_loss))(model)
     ref_grads = jax.tree.leaves(nnx.state(ref_grads))
     scale = max(float(np.abs(r).max()) for r in ref_grads)
     for loss_type in ("plackett_luce", "all_pairs"):
