@@ -257,6 +257,12 @@ def _pad_rows(out: dict, R: int, pad_id: int) -> dict:
     return out
 
 
+def ranking_rows_shape(lengths, multiple: int = 8) -> tuple[int, int]:
+    """(R, L) of ranking_batch's "rows" layout for responses of these lengths, without building it:
+    one row per response, R rounded up to a multiple of 4, L the longest rounded up to `multiple`."""
+    return -(-len(lengths) // 4) * 4, -(-int(max(lengths)) // multiple) * multiple
+
+
 def ranking_batch(batch: dict, layout: str, pad_id: int, row_len: int, multiple: int = 8) -> dict:
     """A ranking batch in `layout`: the model's token rows and where each response's end score is.
 

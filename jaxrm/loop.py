@@ -336,8 +336,7 @@ class _Loop:
         self.run, self.mesh, self.batches, self.checkpoints, self.log = run, mesh, batches, checkpoints, log
         self.data_identity = data  # recorded in every checkpoint: a resume checks it
         self.ranking = is_ranking_run(run.train)
-        if self.ranking:
-            check_ranking_step(run.train, mesh)
+        if self.ranking:  # one device (checked by _fit before the data loaded)
             self.train_step = make_ranking_train_step(run.model, run.train)
             self.eval_step = make_ranking_eval_step(run.model, run.train)
         else:

@@ -24,7 +24,7 @@ from jaxrm.config import RANKING_LOSSES
 _NEG = -1e30  # "not in the sum" for logsumexp: finite, so the gradient stays finite
 
 
-def _better(ranks, valid):
+def better_pairs(ranks, valid):
     """(N, K, K) bool: response j is strictly better ranked than response l (both real)."""
     both = valid[:, :, None] & valid[:, None, :]
     return (ranks[:, :, None] < ranks[:, None, :]) & both
@@ -38,7 +38,7 @@ def ranking_loss(scores, ranks, valid, loss_type: str = "plackett_luce"):
         raise ValueError(f"loss_type must be one of {RANKING_LOSSES}, got {loss_type!r}")
     s = jnp.asarray(scores, jnp.float32)
     ranks, valid = jnp.asarray(ranks), jnp.asarray(valid, bool)
-    better = _better(ranks, valid)  # (N, K, K)
+    better = better_pairs(ranks, valid)  # (N, K, K)
     if loss_type == "all_pairs":
         terms = -jax.nn.log_sigmoid(s[:, :, None] - s[:, None, :])  # (N, K, K)
         return jnp.where(better, terms, 0.0).sum((1, 2)) / jnp.maximum(better.sum((1, 2)), 1)
@@ -94,7 +94,7 @@ def ranking_metrics(scores, ranks, valid) -> dict:
     (-rank; prompts where either is constant are left out of that mean), and RewardBench 2's
     best_of_n on the responses in rank order (best_of_n)."""
     scores, ranks, valid = np.asarray(scores, np.float64), np.asarray(ranks), np.asarray(valid, bool)
-    better = np.asarray(_better(ranks, valid))
+    better = np.asarray(better_pairs(ranks, valid))
     correct = scores[:, :, None] > scores[:, None, :]
     out = {"pairwise_accuracy": float((better & correct).sum() / max(better.sum(), 1))}
     top1, taus, rhos, bon = [], [], [], []

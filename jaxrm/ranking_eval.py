@@ -10,7 +10,7 @@ import numpy as np
 
 from jaxrm.config import EVAL_BATCH_SIZE, RANKING_LOSSES
 from jaxrm.data import eval_batches
-from jaxrm.ranking import ranking_metrics
+from jaxrm.ranking import better_pairs, ranking_metrics
 from jaxrm.ranking_data import load_ranking_split
 from jaxrm.ranking_step import make_ranking_eval_step
 from jaxrm.state import split_model
@@ -41,9 +41,8 @@ def summarize_rankings(out: dict) -> dict:
     those pairs), loss (the mean over prompts), top-1, Kendall tau, Spearman rho, best-of-N and
     the mean and standard deviation of every response's reward."""
     metrics = ranking_metrics(out["scores"], out["ranks"], out["valid"])
-    ranks, valid = out["ranks"], out["valid"]
-    pairs = ((ranks[:, :, None] < ranks[:, None, :]) & valid[:, :, None] & valid[:, None, :]).sum()
-    rewards = out["scores"][valid]
+    pairs = better_pairs(out["ranks"], out["valid"]).sum()
+    rewards = out["scores"][out["valid"]]
     return {
         "prompts": metrics.pop("prompts"),
         "pairs": int(pairs),

@@ -24,8 +24,8 @@ from flax import nnx
 
 from jaxrm.config import ModelConfig, TrainConfig
 from jaxrm.layout_cost import layout_is_cheaper
-from jaxrm.layouts import ranking_batch
-from jaxrm.ranking import ranking_loss
+from jaxrm.layouts import ranking_batch, ranking_rows_shape
+from jaxrm.ranking import better_pairs, ranking_loss
 from jaxrm.state import TrainState, model_graphdef
 from jaxrm.step import finish_update, jit_step, rows_rewards, runs_sdpa_by_default
 
@@ -41,8 +41,7 @@ def ranking_scores(model, batch: dict, deterministic: bool = True, key=None, pla
 def ranking_accuracy(scores, ranks, valid):
     """(correct ordered pairs, ordered pairs) over the batch: pairs j, l of a prompt with
     rank_j < rank_l; correct when score_j > score_l (a tie in score is wrong)."""
-    both = valid[:, :, None] & valid[:, None, :]
-    better = (ranks[:, :, None] < ranks[:, None, :]) & both  # (N, K, K)
+    better = better_pairs(ranks, valid)  # (N, K, K)
     correct = better & (scores[:, :, None] > scores[:, None, :])
     return correct.sum(), better.sum()
 
@@ -55,12 +54,12 @@ def _host_batch(batch: dict, tc: TrainConfig, model_config: ModelConfig, sdpa: b
     """The data layer's ranking batch in tc.layout (packed rows of the padded length T), or in rows
     when the layout's rows would cost no less (jaxrm.layout_cost; the same scores either way)."""
     batch = jax.device_get(batch)
-    rows = ranking_batch(batch, "rows", model_config.pad_id, row_len=0)
-    if tc.layout == "rows":
-        return rows
-    layout = ranking_batch(batch, tc.layout, model_config.pad_id, row_len=batch["input_ids"].shape[-1])
-    cheaper = layout_is_cheaper(rows["input_ids"].shape, layout["input_ids"].shape, model_config, sdpa)
-    return layout if cheaper else rows
+    if tc.layout != "rows":
+        layout = ranking_batch(batch, tc.layout, model_config.pad_id, row_len=batch["input_ids"].shape[-1])
+        rows_shape = ranking_rows_shape(batch["lengths"])
+        if layout_is_cheaper(rows_shape, layout["input_ids"].shape, model_config, sdpa):
+            return layout
+    return ranking_batch(batch, "rows", model_config.pad_id, row_len=0)
 
 
 def check_ranking_step(tc: TrainConfig, mesh) -> None:

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from jaxrm.config import TrainConfig
-from jaxrm.layouts import ranking_batch
+from jaxrm.layouts import ranking_batch, ranking_rows_shape
 from jaxrm.loss import pairwise_loss
 from jaxrm.model import RewardModel
 from jaxrm.ranking import ranking_loss
@@ -191,6 +191,9 @@ def test_layout_runs_as_rows_when_not_cheaper():
         }
 
     long_prompt, no_prompt = two_prompts(150, (5, 20)), two_prompts(0, (150, 200))
+    for batch in (long_prompt, no_prompt):  # the cost rule's rows shape is the rows batch's
+        rows = ranking_batch(batch, "rows", PAD, row_len=0)["input_ids"]
+        assert ranking_rows_shape(batch["lengths"]) == rows.shape
     assert "positions" in _host_batch(long_prompt, tc, cfg, sdpa=False)
     assert "positions" not in _host_batch(no_prompt, tc, cfg, sdpa=False)
     metrics = make_ranking_train_step(cfg, tc)(init_train_state(cfg, tc, seed=0), no_prompt)[1]
