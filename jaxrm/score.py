@@ -22,6 +22,8 @@ from jaxrm.tokenizer import first_out_of_range, get_tokenizer
 NORMALIZATION = "normalization.json"  # in a run directory: {"mean", "std", "count", "source"}
 TRUNCATIONS = ("left", "error")
 DEFAULT_CALL_COST = 32.0  # padded tokens; about what a call of the `small` shape costs on a 2-core CPU
+MEASURE_PASSES = 2  # warm_up times each compiled shape this many times (the fastest counts) ...
+MEASURE_TOKENS = 2048  # ... up to this many padded tokens a call (bigger calls: per row, linear)
 
 
 class ScoreInputError(ValueError):
@@ -51,16 +53,15 @@ def _bucket(buckets: list[int], n: int) -> int:
     return next(b for b in buckets if b >= n)
 
 
-def plan_calls(
-    lengths: list[int], batches: list[int], buckets: list[int], call_cost: float
-) -> list[list[int]]:
+def plan_calls(lengths: list[int], batches: list[int], buckets: list[int], cost) -> list[list[int]]:
     """The cheapest split of sequences of these `lengths` into device calls of the padded shapes
     (batches x buckets): lists of indices into `lengths`, each at most batches[-1] long.
 
-    A call of n sequences whose longest has length l costs bucket(batches, n) * bucket(buckets, l)
-    padded tokens plus `call_cost`, the fixed cost of a call in padded-token equivalents. Some
-    cheapest split groups the sequences in runs of the length-sorted order, so a dynamic program
-    over that order finds it exactly: O(len(lengths) * batches[-1]).
+    cost(R, W) is what one call of R rows of width W costs (Scorer.call_cost); a call of n
+    sequences whose longest has length l runs as bucket(batches, n) x bucket(buckets, l). When
+    cost never falls as W grows, some cheapest split groups the sequences in runs of the
+    length-sorted order, so a dynamic program over that order finds it exactly:
+    O(len(lengths) * batches[-1]).
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     padded_batch = [0] + [_bucket(batches, n) for n in range(1, batches[-1] + 1)]  # by call size
@@ -69,14 +70,19 @@ def plan_calls(
     for j in range(1, len(order) + 1):
         padded_length = _bucket(buckets, lengths[order[j - 1]])
         for i in range(max(0, j - batches[-1]), j):
-            cost = best[i] + padded_batch[j - i] * padded_length + call_cost
-            if cost < best[j]:
-                best[j], start[j] = cost, i
+            total = best[i] + cost(padded_batch[j - i], padded_length)
+            if total < best[j]:
+                best[j], start[j] = total, i
     calls, j = [], len(order)
     while j:
         calls.append(order[start[j] : j])
         j = start[j]
     return calls[::-1]
+
+
+def token_cost(R: int, W: int) -> float:
+    """A call's cost before any is measured: its padded tokens plus DEFAULT_CALL_COST."""
+    return R * W + DEFAULT_CALL_COST
 
 
 def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
@@ -101,8 +107,8 @@ class Scorer:
 
     Two ways to run: run_batch() pads each sequence to a row of its own (score()); run_rows()
     packs several sequences one after another into each row (scores_packed), as plan() arranges
-    them for the server. call_cost: the fixed cost of one device call in padded-token equivalents,
-    which plan() weighs against padding; warm_up() measures it (DEFAULT_CALL_COST until then)."""
+    them for the server. plan() weighs the calls it could make by call_cost(R, W): the seconds
+    warm_up() measured for that compiled shape (padded tokens plus DEFAULT_CALL_COST until then)."""
 
     def __init__(
         self,
@@ -122,7 +128,7 @@ class Scorer:
         self.max_len, self.truncation = max_len or cfg.block_size, truncation
         self.lengths = length_buckets(self.max_len)
         self.batches = batch_buckets(max_batch)
-        self.call_cost = DEFAULT_CALL_COST
+        self.call_seconds: dict[tuple[int, int], float] = {}  # (rows, width) -> warm_up's timing
         graphdef, state = nnx.split(model)
         self._state = state
         self._forward = jax.jit(lambda s, ids, at: nnx.merge(graphdef, s).scores_at(ids, at))
@@ -173,18 +179,32 @@ class Scorer:
             out.append(ids)
         return out, truncated
 
+    def call_cost(self, R: int, W: int) -> float:
+        """What one run_rows call of R rows of width W (bucket sizes) costs: the seconds warm_up
+        measured, else token_cost (padded tokens plus a call's fixed cost)."""
+        return self.call_seconds[R, W] if self.call_seconds else token_cost(R, W)
+
     def plan(self, sequences: list[list[int]]) -> list[list[list[int]]]:
         """At most max_batch prepared sequences -> device calls for run_rows: each call a list of
-        rows, each row the indices of its sequences. The sequences are packed into rows as wide
-        as the length bucket of the longest (pack_rows); the rows are split into calls of the
-        batch buckets where padding rows would cost more than a call (plan_calls)."""
+        rows, each row the indices of its sequences. For each width bucket that holds the longest,
+        the sequences are packed into rows that wide (pack_rows) and the rows split into calls of
+        the bucket shapes (plan_calls); the cheapest of these by call_cost wins."""
         if len(sequences) > self.batches[-1]:
             raise ValueError(f"{len(sequences)} sequences to plan, more than max_batch={self.batches[-1]}")
         lengths = [len(s) for s in sequences]
-        width = _bucket(self.lengths, max(lengths))
-        rows = pack_rows(lengths, width)
-        calls = plan_calls([width] * len(rows), self.batches, [width], self.call_cost)
-        return [[rows[r] for r in call] for call in calls]
+        best, best_cost = [], math.inf
+        for width in (w for w in self.lengths if w >= max(lengths)):
+            rows = pack_rows(lengths, width)
+            filled = [sum(lengths[i] for i in row) for row in rows]
+            calls = plan_calls(filled, self.batches, self.lengths, self.call_cost)
+            cost = sum(self._planned_cost([filled[r] for r in call]) for call in calls)
+            if cost < best_cost:
+                best, best_cost = [[rows[r] for r in call] for call in calls], cost
+        return best
+
+    def _planned_cost(self, filled: list[int]) -> float:
+        """call_cost of one call of rows holding these many tokens each."""
+        return self.call_cost(_bucket(self.batches, len(filled)), _bucket(self.lengths, max(filled)))
 
     def run_rows(self, rows: list[list[list[int]]]) -> np.ndarray:
         """One device call of packed rows, each a list of prepared sequences (at most the largest
@@ -262,9 +282,9 @@ class Scorer:
         return out
 
     def warm_up(self) -> float:
-        """Compile run_rows for every (rows, width) bucket ahead of time (compiled only, not run:
-        run_rows calls these executables, so no call traces or compiles) and measure call_cost;
-        the seconds it took. (score() and run_batch compile their shapes when they first meet them.)"""
+        """Compile run_rows for every (rows, width) bucket ahead of time (run_rows calls these
+        executables, so no call traces or compiles), then time each (call_seconds); the seconds
+        it all took. (score() and run_batch compile their shapes when they first meet them.)"""
         started = time.perf_counter()
         reads = jax.ShapeDtypeStruct((self.batches[-1],), np.int32)
         for R in self.batches:
@@ -272,28 +292,32 @@ class Scorer:
                 rows = jax.ShapeDtypeStruct((R, W), np.int32)  # ids, positions, segment ids
                 lowered = self._packed.lower(self._state, rows, rows, rows, reads, reads)
                 self._compiled[R, W] = lowered.compile()
-        self.call_cost = self._measure_call_cost()
+        self.call_seconds = self._measure_calls()
         return time.perf_counter() - started
 
-    def _measure_call_cost(self, repeats: int = 3) -> float:
-        """The fixed cost of a call in padded-token equivalents, from one-row calls at the shortest
-        and the longest length bucket (best of `repeats` each): seconds = fixed + per_token * T.
-        Capped at the largest padded call's tokens, which plans one call per max_batch sequences
-        (an accelerator, where a call costs about the same whatever its shape)."""
-        short, long = self.lengths[0], self.lengths[-1]
-        cap = float(self.batches[-1] * long)
-        if short == long:
-            return min(cap, DEFAULT_CALL_COST)
-        seconds = {short: math.inf, long: math.inf}
-        for _ in range(repeats):
-            for T in seconds:
+    def _measure_calls(self, passes: int = MEASURE_PASSES) -> dict[tuple[int, int], float]:
+        """Seconds of one run_rows call per (rows, width) bucket. Shapes of at most MEASURE_TOKENS
+        padded tokens (and one row of any width) are timed: the fastest of `passes` calls of R rows
+        of one W-token sequence each, after an untimed one. Taller shapes cost what the tallest
+        timed one of their width costs per row (calls that big grow linearly). Then made monotone:
+        a shape is charged at least any shape it holds (a faster reading of a bigger one is noise)."""
+        timed = [(R, W) for R in self.batches for W in self.lengths if R == 1 or R * W <= MEASURE_TOKENS]
+        seconds = dict.fromkeys(timed, math.inf)
+        for n in range(passes + 1):
+            for R, W in timed:
                 started = time.perf_counter()
-                self.run_rows([[[0] * T]])
-                seconds[T] = min(seconds[T], time.perf_counter() - started)
-        per_token = (seconds[long] - seconds[short]) / (long - short)
-        if per_token <= 0:
-            return cap
-        return min(cap, max(0.0, (seconds[short] - per_token * short) / per_token))
+                self.run_rows([[[0] * W]] * R)
+                if n:  # the first pass only warms up
+                    seconds[R, W] = min(seconds[R, W], time.perf_counter() - started)
+        for i, R in enumerate(self.batches):
+            for j, W in enumerate(self.lengths):
+                if (R, W) not in seconds:  # taller than what was timed: per row as the tallest timed
+                    tallest = max(r for r, w in timed if w == W)
+                    seconds[R, W] = seconds[tallest, W] * R / tallest
+                smaller = [seconds[self.batches[i - 1], W]] if i else []
+                smaller += [seconds[R, self.lengths[j - 1]]] if j else []
+                seconds[R, W] = max([seconds[R, W], *smaller])
+        return seconds
 
 
 def score_texts(model: RewardModel, run: RunConfig, texts: list[str], batch_size: int = 32) -> list[float]:

@@ -264,7 +264,7 @@ class Service:
             "truncation": s.truncation,
             "length_buckets": s.lengths,
             "batch_buckets": s.batches,
-            "call_cost_tokens": round(s.call_cost, 1),
+            "call_ms": {f"{R}x{W}": round(1000 * t, 3) for (R, W), t in s.call_seconds.items()},
             "max_batch": o.max_batch,
             "max_wait_ms": o.max_wait_ms,
             "normalize": o.normalize,

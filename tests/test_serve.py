@@ -205,7 +205,9 @@ def test_info(served):
     info = requests.get(url + "/info", headers=AUTH, timeout=TIMEOUT).json()
     assert info["model"]["vocab_size"] == 257 and info["pad_id"] == 256 and info["tokenizer"] == "byte"
     assert info["max_len"] == 64 and info["length_buckets"] == [32, 48, 64]
-    assert info["batch_buckets"] == [1, 2, 4, 8] and info["call_cost_tokens"] >= 0
+    assert info["batch_buckets"] == [1, 2, 4, 8]
+    shapes = {f"{R}x{W}" for R in info["batch_buckets"] for W in info["length_buckets"]}
+    assert set(info["call_ms"]) == shapes and min(info["call_ms"].values()) > 0  # every shape timed
     assert info["normalization"]["mean"] == 0.25 and info["normalize"] is False
     assert info["version"] and info["compile_s"] > 0
 
