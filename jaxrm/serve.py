@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import gc
 import hmac
 import json
 import pathlib
@@ -90,16 +91,18 @@ def load_source(source) -> tuple[object, object, bool, Normalization | None, str
 
 class Batcher:
     """The one thread that runs the model. submit() enqueues prepared sequences and returns one
-    future per sequence; the thread takes the first waiting sequence, gathers more for at most
-    max_wait_s, until max_batch or until no text arrived for idle_gap_s (a burst of requests is
-    over: waiting longer would only leave the device idle), scores them in the device calls of the
-    scorer's plan (packed several to a row, rows split into calls where that costs less than
-    padding) and resolves their futures."""
+    future per sequence; the thread takes the first waiting sequence and the ones waiting behind
+    it, then, when the previous batch held more than one text (callers come together), gathers
+    more for at most max_wait_s, until max_batch or until no text arrived for idle_gap_s (a
+    burst of requests is over: waiting longer would only leave the device idle). A lone caller's
+    text never waits. It scores them in the device calls of the scorer's plan (packed several to
+    a row, the calls weighed by their measured cost) and resolves their futures."""
 
     def __init__(self, scorer: Scorer, max_batch: int, max_wait_s: float, idle_gap_s: float = 0.001):
         self.scorer, self.max_batch, self.max_wait_s = scorer, max_batch, max_wait_s
         self.idle_gap_s = idle_gap_s
         self.queue: queue.Queue = queue.Queue()
+        self.enqueueing = threading.Lock()  # held while a request's texts go in: they are taken whole
         self.batches = self.texts = 0
         self.thread = threading.Thread(target=self._run, name="jaxrm-batcher", daemon=True)
 
@@ -112,16 +115,22 @@ class Batcher:
 
     def submit(self, sequences: list[list[int]]) -> list[concurrent.futures.Future]:
         futures = [concurrent.futures.Future() for _ in sequences]
-        for item in zip(sequences, futures):
-            self.queue.put(item)
+        with self.enqueueing:
+            for item in zip(sequences, futures):
+                self.queue.put(item)
         return futures
 
-    def _gather(self, first) -> tuple[list, bool]:
-        """(the batch that starts with `first`, whether stop was asked meanwhile)."""
+    def _gather(self, first, wait: bool) -> tuple[list, bool]:
+        """(the batch that starts with `first`, whether stop was asked meanwhile): the texts
+        waiting behind it, and when `wait`, those that arrive in time."""
         batch, deadline = [first], time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch:
             try:
-                item = self.queue.get(timeout=max(0.0, min(deadline - time.monotonic(), self.idle_gap_s)))
+                if wait:
+                    item = self.queue.get(timeout=max(0.0, min(deadline - time.monotonic(), self.idle_gap_s)))
+                else:
+                    with self.enqueueing:
+                        item = self.queue.get_nowait()
             except queue.Empty:
                 break
             if item is None:
@@ -130,12 +139,13 @@ class Batcher:
         return batch, False
 
     def _run(self) -> None:
-        stopping = False
+        stopping, wait = False, False
         while not stopping:
             first = self.queue.get()
             if first is None:
                 return
-            batch, stopping = self._gather(first)
+            batch, stopping = self._gather(first, wait)
+            wait = len(batch) > 1  # callers came together: the next batch waits for company
             for call in self.scorer.plan([ids for ids, _ in batch]):
                 self._score([[batch[i] for i in row] for row in call])
 
@@ -351,6 +361,8 @@ def serve(source, options: ServeOptions) -> int:
         file=sys.stderr,
         flush=True,
     )
+    gc.collect()  # then everything loaded so far (JAX, the model, the executables) is never scanned
+    gc.freeze()  # again: a full collection over it took ~0.25 s, stalling every request in flight
     service.batcher.start()
     for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal after its graceful stop
         signal.signal(sig, lambda *_: None)

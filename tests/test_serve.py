@@ -324,18 +324,33 @@ class _RecordingScorer:
         return [float(len(row[0])) for row in rows]
 
 
-def test_batcher_stops_waiting_when_a_burst_is_over():
+def test_batcher_waits_for_company_only_after_callers_came_together():
+    """A lone caller's text runs at once; a request's texts are one batch; after a batch of several
+    texts the next waits for company, and stops waiting when none arrived for idle_gap_s (the burst
+    is over), not at max_wait_s; a batch of one turns the waiting off again."""
     from jaxrm.serve import Batcher
 
     scorer = _RecordingScorer()
-    batcher = Batcher(scorer, max_batch=8, max_wait_s=2.0, idle_gap_s=0.05)
+    batcher = Batcher(scorer, max_batch=8, max_wait_s=30.0, idle_gap_s=1.0)
+
+    def answered(*requests, apart=0.0):  # (rewards, seconds until all are answered)
+        started, futures = time.monotonic(), []
+        for i, request in enumerate(requests):
+            time.sleep(apart if i else 0.0)
+            futures += batcher.submit(request)
+        rewards = [f.result(timeout=60) for f in futures]
+        return rewards, time.monotonic() - started
+
     batcher.start()
     try:
-        started = time.monotonic()
-        assert batcher.submit([[1, 2, 3]])[0].result(timeout=5) == 3.0
-        assert time.monotonic() - started < 1.0  # not the 2 s max_wait: nothing else arrived
-        futures = batcher.submit([[1]] * 5)  # a burst: one batch
-        assert [f.result(timeout=5) for f in futures] == [1.0] * 5
-        assert scorer.calls == [1, 5]
+        rewards, seconds = answered([[1, 2, 3]])
+        assert rewards == [3.0] and seconds < 0.8  # alone: no wait for company
+        assert answered([[1]] * 5)[0] == [1.0] * 5 and scorer.calls == [1, 5]  # one request, one batch
+        rewards, seconds = answered([[1, 1]], [[2]], apart=0.3)  # callers together: they wait for each other
+        assert rewards == [2.0, 1.0] and scorer.calls == [1, 5, 2] and 1.0 <= seconds < 20
+        rewards, seconds = answered([[4, 4, 4, 4]])  # still waits for company, then goes alone
+        assert rewards == [4.0] and scorer.calls[-1] == 1 and 1.0 <= seconds < 20
+        rewards, seconds = answered([[5]])
+        assert seconds < 0.8 and scorer.calls[-1] == 1  # after a lone batch: no wait again
     finally:
         batcher.stop()
