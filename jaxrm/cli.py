@@ -718,7 +718,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--max-batch", type=int, default=32, help="texts per device batch (1: batching off)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more texts")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a batch waits for more texts (after a batch of several; a lone caller never waits)",
+    )
     p.add_argument(
         "--max-idle-ms",
         type=float,
