@@ -353,10 +353,13 @@ def serve(source, options: ServeOptions) -> int:
     service = Service(source, options)
     app = build_app(service)
     s = service.scorer
-    print(f"jaxrm serve: {source}: compiling {len(s.batches)} x {len(s.lengths)} shapes ...", file=sys.stderr)
+    print(
+        f"jaxrm serve: {source}: compiling and timing {len(s.batches)} x {len(s.lengths)} shapes ...",
+        file=sys.stderr,
+    )
     seconds = service.warm_up()
     print(
-        f"jaxrm serve: compiled batch sizes {s.batches} x lengths {s.lengths} in {seconds:.1f} s; "
+        f"jaxrm serve: compiled and timed batch sizes {s.batches} x lengths {s.lengths} in {seconds:.1f} s; "
         f"serving on http://{options.host}:{options.port}",
         file=sys.stderr,
         flush=True,
