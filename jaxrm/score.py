@@ -23,7 +23,7 @@ NORMALIZATION = "normalization.json"  # in a run directory: {"mean", "std", "cou
 TRUNCATIONS = ("left", "error")
 DEFAULT_CALL_COST = 32.0  # padded tokens; about what a call of the `small` shape costs on a 2-core CPU
 MEASURE_PASSES = 2  # warm_up times each compiled shape this many times (the fastest counts) ...
-MEASURE_TOKENS = 2048  # ... up to this many padded tokens a call (bigger calls: per row, linear)
+MEASURE_TOKENS = 2048  # ... up to this many padded tokens a call on a CPU (bigger: per row, linear)
 
 
 class ScoreInputError(ValueError):
@@ -297,11 +297,13 @@ class Scorer:
 
     def _measure_calls(self, passes: int = MEASURE_PASSES) -> dict[tuple[int, int], float]:
         """Seconds of one run_rows call per (rows, width) bucket. Shapes of at most MEASURE_TOKENS
-        padded tokens (and one row of any width) are timed: the fastest of `passes` calls of R rows
-        of one W-token sequence each, after an untimed one. Taller shapes cost what the tallest
-        timed one of their width costs per row (calls that big grow linearly). Then made monotone:
-        a shape is charged at least any shape it holds (a faster reading of a bigger one is noise)."""
-        timed = [(R, W) for R in self.batches for W in self.lengths if R == 1 or R * W <= MEASURE_TOKENS]
+        padded tokens (and one row of any width; on an accelerator, every shape) are timed: the
+        fastest of `passes` calls of R rows of one W-token sequence each, after an untimed one.
+        Taller shapes cost what the tallest timed one of their width costs per row (on a CPU,
+        calls that big grow linearly). Then made monotone: a shape is charged at least any shape
+        it holds (a faster reading of a bigger one is noise)."""
+        limit = MEASURE_TOKENS if jax.default_backend() == "cpu" else math.inf
+        timed = [(R, W) for R in self.batches for W in self.lengths if R == 1 or R * W <= limit]
         seconds = dict.fromkeys(timed, math.inf)
         for n in range(passes + 1):
             for R, W in timed:

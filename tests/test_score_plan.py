@@ -107,6 +107,10 @@ def test_measured_call_costs(monkeypatch):
     assert all(seconds[8, W] >= seconds[4, W] >= seconds[2, W] for W in (32, 48, 64))
     scorer.call_seconds = seconds
     assert scorer.call_cost(2, 48) == seconds[2, 48]
+    monkeypatch.setattr(score.jax, "default_backend", lambda: "gpu")  # an accelerator: every shape timed
+    calls.clear()
+    scorer._measure_calls(passes=1)
+    assert set(calls) == {(R, W) for R in (1, 2, 4, 8) for W in (32, 48, 64)}
 
 
 def test_plan_weighs_calls_by_their_measured_seconds():
