@@ -53,9 +53,12 @@ def _bucket(buckets: list[int], n: int) -> int:
     return next(b for b in buckets if b >= n)
 
 
-def plan_calls(lengths: list[int], batches: list[int], buckets: list[int], cost) -> list[list[int]]:
+def plan_calls(
+    lengths: list[int], batches: list[int], buckets: list[int], cost
+) -> tuple[list[list[int]], float]:
     """The cheapest split of sequences of these `lengths` into device calls of the padded shapes
-    (batches x buckets): lists of indices into `lengths`, each at most batches[-1] long.
+    (batches x buckets): (lists of indices into `lengths`, each at most batches[-1] long; their
+    total cost).
 
     cost(R, W) is what one call of R rows of width W costs (Scorer.call_cost); a call of n
     sequences whose longest has length l runs as bucket(batches, n) x bucket(buckets, l). When
@@ -77,7 +80,7 @@ def plan_calls(lengths: list[int], batches: list[int], buckets: list[int], cost)
     while j:
         calls.append(order[start[j] : j])
         j = start[j]
-    return calls[::-1]
+    return calls[::-1], best[-1]
 
 
 def token_cost(R: int, W: int) -> float:
@@ -196,15 +199,10 @@ class Scorer:
         for width in (w for w in self.lengths if w >= max(lengths)):
             rows = pack_rows(lengths, width)
             filled = [sum(lengths[i] for i in row) for row in rows]
-            calls = plan_calls(filled, self.batches, self.lengths, self.call_cost)
-            cost = sum(self._planned_cost([filled[r] for r in call]) for call in calls)
+            calls, cost = plan_calls(filled, self.batches, self.lengths, self.call_cost)
             if cost < best_cost:
                 best, best_cost = [[rows[r] for r in call] for call in calls], cost
         return best
-
-    def _planned_cost(self, filled: list[int]) -> float:
-        """call_cost of one call of rows holding these many tokens each."""
-        return self.call_cost(_bucket(self.batches, len(filled)), _bucket(self.lengths, max(filled)))
 
     def run_rows(self, rows: list[list[list[int]]]) -> np.ndarray:
         """One device call of packed rows, each a list of prepared sequences (at most the largest

@@ -57,21 +57,21 @@ def test_plan_is_the_cheapest_split(cost):
     rng = np.random.default_rng(int(cost(1, 1)))
     for _ in range(12):
         lengths = [int(x) for x in rng.integers(1, 65, size=int(rng.integers(1, 7)))]
-        calls = plan_calls(lengths, BATCHES, LENGTHS, cost)
+        calls, total = plan_calls(lengths, BATCHES, LENGTHS, cost)
         assert sorted(itertools.chain(*calls)) == list(range(len(lengths)))  # each sequence once
         assert all(1 <= len(c) <= BATCHES[-1] for c in calls)
         feasible = (p for p in partitions(list(range(len(lengths)))) if all(len(c) <= 4 for c in p))
         cheapest = min(split_cost(lengths, p, cost) for p in feasible)
-        assert split_cost(lengths, calls, cost) == cheapest
+        assert split_cost(lengths, calls, cost) == cheapest == total
 
 
 def test_plan_extremes():
     lengths = [60, 3, 40, 5, 33, 64, 2, 7, 50]
     # calls cost nothing: no padding at all is possible here (buckets 1 x any length)
-    free = plan_calls(lengths, BATCHES, LENGTHS, per_token(0.0))
+    free, _ = plan_calls(lengths, BATCHES, LENGTHS, per_token(0.0))
     assert split_cost(lengths, free, per_token(0.0)) == sum(bucket(LENGTHS, n) for n in lengths)
     # calls cost more than any padding: the fewest calls (ceil(9 / 4) = 3), short with short
-    dear = plan_calls(lengths, BATCHES, LENGTHS, per_token(1e9))
+    dear, _ = plan_calls(lengths, BATCHES, LENGTHS, per_token(1e9))
     assert len(dear) == 3
     assert [sorted(lengths[i] for i in c) for c in dear][-1] == [40, 50, 60, 64]
 
